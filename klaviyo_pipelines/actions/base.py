@@ -1,0 +1,143 @@
+"""What every action is: turn change rows into Klaviyo items, send batches, report per-row outcomes.
+
+The runner owns the loop (pages, batches, state); an action only knows its payloads and calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from klaviyo_pipelines.actions.profile import InvalidRow
+from klaviyo_pipelines.actions.registry import ActionInfo
+from klaviyo_pipelines.config import SyncSpec
+from klaviyo_pipelines.klaviyo.client import KlaviyoClient
+from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
+from klaviyo_pipelines.klaviyo.errors import KlaviyoError
+from klaviyo_pipelines.warehouse.changes import ChangeRow
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A row that passed validation, with the exact bytes it adds to a batch request."""
+
+    row: ChangeRow
+    item: dict[str, Any]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Rejected:
+    item: Prepared
+    field: str | None
+    reason: str
+
+
+@dataclass
+class BatchResult:
+    """Per-row outcome of one batch. Rows in `unsent` were not confirmed and will be retried."""
+
+    delivered: list[Prepared] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    unsent: list[Prepared] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    error: KlaviyoError | None = None  # set when the batch could not finish: the run stops
+
+    def merge(self, other: BatchResult) -> None:
+        self.delivered += other.delivered
+        self.rejected += other.rejected
+        self.unsent += other.unsent
+        self.job_ids += other.job_ids
+        self.error = self.error or other.error
+
+
+class Action(ABC):
+    """One Klaviyo (Actions) action bound to one sync's mapping and settings."""
+
+    info: ClassVar[ActionInfo]
+    # Settings that change how rows travel, not what they become: changing them re-sends nothing.
+    transport_settings: ClassVar[frozenset[str]] = frozenset(
+        {"batch", "batch_size", "job_timeout_seconds"}
+    )
+
+    def __init__(self, sync: SyncSpec) -> None:
+        self.sync = sync
+
+    @property
+    @abstractmethod
+    def columns(self) -> set[str]:
+        """The model columns this action reads; only these are fetched and hashed."""
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> EndpointClass:
+        """Where batches go, which fixes the item and byte limits of a batch."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int: ...
+
+    @abstractmethod
+    def prepare(self, row: ChangeRow) -> Prepared:
+        """Map and validate one row; raises InvalidRow naming the field and the reason."""
+
+    @abstractmethod
+    def request_body(self, batch: Sequence[Prepared]) -> bytes:
+        """The request the batch becomes (used to send it, to measure it and by `plan`)."""
+
+    @abstractmethod
+    def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
+        """Send one batch; Klaviyo's per-row rejections come back in the result."""
+
+    def preflight(self, client: KlaviyoClient) -> None:  # noqa: B027 - optional hook
+        """Checks to run once before the first batch (e.g. that a configured list exists)."""
+
+    def item_index(self, pointer: str | None) -> int | None:
+        """Which item of a batch a Klaviyo error pointer names, when the endpoint says so."""
+        return None
+
+    def envelope_bytes(self) -> int:
+        return len(self.request_body([]))
+
+    def batches(self, items: Iterable[Prepared]) -> Iterator[list[Prepared]]:
+        """Pack items into the fewest batches within both the count and the byte limits."""
+        max_items = min(self.batch_size, self.endpoint.max_items or self.batch_size)
+        max_bytes = self.endpoint.max_bytes
+        batch: list[Prepared] = []
+        size = self.envelope_bytes()
+        for item in items:
+            added = len(item.body) + (1 if batch else 0)
+            if batch and (len(batch) >= max_items or (max_bytes and size + added > max_bytes)):
+                yield batch
+                batch, size, added = [], self.envelope_bytes(), len(item.body)
+            batch.append(item)
+            size += added
+        if batch:
+            yield batch
+
+    def check_size(self, body: bytes) -> None:
+        limit = self.endpoint.max_item_bytes or self.endpoint.max_bytes
+        if limit and len(body) > limit:
+            raise InvalidRow(
+                None, f"payload is {len(body):,} bytes; Klaviyo accepts at most {limit:,} per item"
+            )
+
+
+def pointer_index(pointer: str | None, collection: str) -> int | None:
+    """Index N from a JSON pointer like `<collection>/N/...`."""
+    if not pointer or not pointer.startswith(collection + "/"):
+        return None
+    head = pointer[len(collection) + 1 :].split("/", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def field_of_pointer(pointer: str | None) -> str | None:
+    """The field a Klaviyo error pointer ends in: `.../attributes/email` -> `email`."""
+    if pointer and "/attributes/" in pointer:
+        tail = pointer.rsplit("/attributes/", 1)[1].split("/")
+        # `/data/attributes/profiles/data/3` names an item of a batch, not a field.
+        if tail[0] and not any(part.isdigit() for part in tail):
+            return ".".join(tail)
+    return None

@@ -1,0 +1,236 @@
+"""Klaviyo profile fields: resolving a sync's mapping and turning a row into profile attributes.
+
+Shared by every action that sends a profile (upsert, subscribe, events' profile). A value
+that Klaviyo would refuse is caught here, per row, with the field and the reason, so the row
+is rejected on its own and the rest of its batch still goes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import phonenumbers
+
+from klaviyo_pipelines.actions.values import json_value
+from klaviyo_pipelines.config import ConfigError, SyncSpec
+from klaviyo_pipelines.warehouse.snapshot import resolve_column
+
+IDENTIFIERS = ("email", "phone_number", "external_id")
+TEXT_FIELDS = ("first_name", "last_name", "organization", "locale", "title", "image")
+LOCATION_FIELDS = (
+    "address1",
+    "address2",
+    "city",
+    "country",
+    "region",
+    "zip",
+    "timezone",
+    "ip",
+    "latitude",
+    "longitude",
+)
+MAX_EXTERNAL_ID = 255
+
+# Deliberately strict: one @, a dotted domain, a TLD of 2+ letters (Klaviyo refuses `a@b.c`).
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.[A-Za-z]{2,63}$"
+)
+
+
+class InvalidRow(ValueError):
+    """A row Klaviyo would refuse: which field, and why, in words a user can act on."""
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+@dataclass(frozen=True)
+class ProfileMapping:
+    """Klaviyo profile field -> model column, after defaults and validation against the model."""
+
+    fields: Mapping[str, str]
+    location: Mapping[str, str]
+    properties: Mapping[str, str]
+    country_code_column: str | None
+    default_country_code: str | None
+    clear_nulls: bool
+
+    @property
+    def columns(self) -> set[str]:
+        used = {*self.fields.values(), *self.location.values(), *self.properties.values()}
+        if self.country_code_column:
+            used.add(self.country_code_column)
+        return used
+
+
+def resolve_profile_mapping(
+    sync: SyncSpec, columns: Sequence[str], config_path: str, extra_keys: Sequence[str] = ()
+) -> ProfileMapping:
+    """Check the sync's mapping against the model's columns and fill in default mappings.
+
+    A column named like a profile field (email, first_name, city, ...) maps to it unless the
+    mapping says otherwise. `extra_keys` are action-specific mapping keys the caller handles.
+    """
+    mapping = dict(sync.mapping)
+    prefix = f"syncs.{sync.name}.mapping"
+    known = {*IDENTIFIERS, *TEXT_FIELDS, "location", "properties", "country_code", *extra_keys}
+    for key in mapping:
+        if key not in known:
+            raise ConfigError(
+                config_path,
+                f"{prefix}.{key}",
+                f"unknown Klaviyo profile field (fields: {', '.join(sorted(known))})",
+            )
+
+    def column(key: str, name: Any) -> str:
+        if not isinstance(name, str):
+            raise ConfigError(config_path, key, f"must name a model column, got {name!r}")
+        found = resolve_column(columns, name)
+        if found is None:
+            raise ConfigError(
+                config_path,
+                key,
+                f"column {name!r} is not in model {sync.model!r} (columns: {', '.join(columns)})",
+            )
+        return found
+
+    def section(name: str, allowed: Sequence[str] | None) -> dict[str, str]:
+        raw = mapping.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(config_path, f"{prefix}.{name}", "must be a mapping of key: column")
+        result = {}
+        for key, col in raw.items():
+            if allowed is not None and key not in allowed:
+                raise ConfigError(
+                    config_path,
+                    f"{prefix}.{name}.{key}",
+                    f"unknown location field (fields: {', '.join(allowed)})",
+                )
+            result[str(key)] = column(f"{prefix}.{name}.{key}", col)
+        return result
+
+    fields = {
+        key: column(f"{prefix}.{key}", mapping[key])
+        for key in (*IDENTIFIERS, *TEXT_FIELDS)
+        if mapping.get(key) is not None
+    }
+    location = section("location", LOCATION_FIELDS)
+    for key in (*IDENTIFIERS, *TEXT_FIELDS):
+        if key not in mapping and (found := resolve_column(columns, key)):
+            fields[key] = found
+    for key in LOCATION_FIELDS:
+        if key not in location and (found := resolve_column(columns, key)):
+            location[key] = found
+    country_column = (
+        column(f"{prefix}.country_code", mapping["country_code"])
+        if mapping.get("country_code")
+        else resolve_column(columns, "country_code")
+    )
+    default_country = sync.settings.get("country_code")
+    if default_country is not None and (
+        not isinstance(default_country, str)
+        or default_country.upper() not in phonenumbers.SUPPORTED_REGIONS
+    ):
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.country_code",
+            f"{default_country!r} is not an ISO 3166 alpha-2 region phone numbers are known for",
+        )
+    nulls = sync.settings.get("nulls", "omit")
+    if nulls not in ("omit", "clear"):
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.nulls",
+            f"must be 'omit' (keep Klaviyo's value) or 'clear' (erase it), got {nulls!r}",
+        )
+    if not any(key in fields for key in IDENTIFIERS):
+        raise ConfigError(
+            config_path,
+            prefix,
+            "no identifier is mapped: map at least one of email, phone_number, external_id",
+        )
+    return ProfileMapping(
+        fields=fields,
+        location=location,
+        properties=section("properties", None),
+        country_code_column=country_column,
+        default_country_code=default_country.upper() if default_country else None,
+        clear_nulls=nulls == "clear",
+    )
+
+
+def normalise_email(value: Any) -> str:
+    text = str(value).strip()
+    if not _EMAIL.match(text):
+        raise InvalidRow("email", f"{text!r} is not a valid email address")
+    return text
+
+
+def normalise_phone(value: Any, country: str | None) -> str:
+    """E.164 via libphonenumber; unlike Segment, a '+' number must also be a real number."""
+    text = str(value).strip()
+    try:
+        parsed = phonenumbers.parse(text, None if text.startswith("+") else country)
+    except phonenumbers.NumberParseException:
+        parsed = None
+    if parsed is None or not phonenumbers.is_valid_number(parsed):
+        hint = "" if text.startswith("+") or country else " (no country_code to read it with)"
+        raise InvalidRow("phone_number", f"{text!r} cannot be converted to E.164{hint}")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def profile_attributes(mapping: ProfileMapping, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The `attributes` of a Klaviyo profile for one row; raises InvalidRow with the reason."""
+    attributes: dict[str, Any] = {}
+    clear = mapping.clear_nulls
+    for field, col in mapping.fields.items():
+        value = json_value(values.get(col))
+        if value is None or value == "":
+            if clear and field not in IDENTIFIERS:
+                attributes[field] = None
+            continue
+        if field == "email":
+            value = normalise_email(value)
+        elif field == "phone_number":
+            country = (
+                values.get(mapping.country_code_column) if mapping.country_code_column else None
+            )
+            value = normalise_phone(
+                value, str(country).upper() if country else mapping.default_country_code
+            )
+        elif field == "external_id":
+            value = str(value)
+            if len(value) > MAX_EXTERNAL_ID:
+                raise InvalidRow(
+                    "external_id", f"is {len(value)} characters; Klaviyo allows {MAX_EXTERNAL_ID}"
+                )
+        else:
+            value = str(value)
+        attributes[field] = value
+    if not any(attributes.get(key) for key in IDENTIFIERS):
+        raise InvalidRow(None, "no identifier: email, phone_number and external_id are all empty")
+    location = {}
+    for field, col in mapping.location.items():
+        value = json_value(values.get(col))
+        if value is None and not clear:
+            continue
+        if value is not None and field not in ("latitude", "longitude"):
+            value = str(value)
+        location[field] = value
+    if location:
+        attributes["location"] = location
+    properties = {}
+    for name, col in mapping.properties.items():
+        value = json_value(values.get(col))
+        if value is not None or clear:
+            properties[name] = value
+    if properties:
+        attributes["properties"] = properties
+    return attributes

@@ -1,0 +1,279 @@
+"""Upsert Profile: create or update Klaviyo profiles, optionally adding them to a list.
+
+Batch mode (default) sends profile-bulk-import-jobs of up to 10,000 profiles / 5 MB, waits for
+each job, and maps its import errors back to rows. Single mode POSTs /api/profiles, PATCHes
+the existing profile on a 409 duplicate, and adds the batch's profiles to the list in one call
+per 1,000 ids (Segment adds them one request per profile).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from klaviyo_pipelines.actions.base import (
+    Action,
+    BatchResult,
+    Prepared,
+    Rejected,
+    field_of_pointer,
+    pointer_index,
+)
+from klaviyo_pipelines.actions.profile import (
+    IDENTIFIERS,
+    InvalidRow,
+    ProfileMapping,
+    profile_attributes,
+    resolve_profile_mapping,
+)
+from klaviyo_pipelines.actions.registry import ACTIONS
+from klaviyo_pipelines.actions.values import dumps
+from klaviyo_pipelines.config import ConfigError, SyncSpec
+from klaviyo_pipelines.klaviyo.client import KlaviyoClient
+from klaviyo_pipelines.klaviyo.endpoints import LIST_MEMBERSHIP, PROFILE_BULK_IMPORT, PROFILES
+from klaviyo_pipelines.klaviyo.errors import (
+    AuthError,
+    ConflictError,
+    KlaviyoError,
+    PermanentError,
+    TransientError,
+)
+from klaviyo_pipelines.warehouse.changes import ChangeRow
+
+PROFILES_POINTER = "/data/attributes/profiles/data"
+SETTINGS = {"list_id", "batch", "batch_size", "nulls", "country_code", "job_timeout_seconds"}
+
+
+class JobTimeout(TransientError):
+    """A bulk import job did not finish in time; its rows are retried on the next run."""
+
+
+class UpsertProfile(Action):
+    info = ACTIONS["upsert_profile"]
+
+    def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
+        super().__init__(sync)
+        settings = dict(sync.settings)
+        for key in settings:
+            if key not in SETTINGS:
+                raise ConfigError(
+                    config_path,
+                    f"syncs.{sync.name}.settings.{key}",
+                    f"unknown setting for upsert_profile (settings: {', '.join(sorted(SETTINGS))})",
+                )
+        self.mapping: ProfileMapping = resolve_profile_mapping(sync, columns, config_path)
+        self.list_id: str | None = settings.get("list_id") or None
+        self.batch_mode = bool(settings.get("batch", True))
+        size = settings.get("batch_size", PROFILE_BULK_IMPORT.max_items)
+        if not isinstance(size, int) or not 1 <= size <= (PROFILE_BULK_IMPORT.max_items or 0):
+            raise ConfigError(
+                config_path,
+                f"syncs.{sync.name}.settings.batch_size",
+                f"must be a whole number from 1 to {PROFILE_BULK_IMPORT.max_items}, got {size!r}",
+            )
+        self._batch_size = size
+        self.job_timeout = float(settings.get("job_timeout_seconds", 900))
+
+    @property
+    def columns(self) -> set[str]:
+        return self.mapping.columns
+
+    @property
+    def endpoint(self):  # type: ignore[override]
+        return PROFILE_BULK_IMPORT if self.batch_mode else PROFILES
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size if self.batch_mode else 1000
+
+    def prepare(self, row: ChangeRow) -> Prepared:
+        item = {"type": "profile", "attributes": profile_attributes(self.mapping, row.values)}
+        body = dumps(item)
+        limit = PROFILE_BULK_IMPORT.max_item_bytes or 0
+        if len(body) > limit:
+            raise InvalidRow(
+                None, f"profile is {len(body):,} bytes; Klaviyo accepts at most {limit:,}"
+            )
+        return Prepared(row=row, item=item, body=body)
+
+    def batches(self, items):  # type: ignore[no-untyped-def]
+        if self.batch_mode:
+            return super().batches(items)
+        # Single mode sends one request per row; batches only group the list additions.
+        return _chunks(list(items), self.batch_size)
+
+    def request_body(self, batch: Sequence[Prepared]) -> bytes:
+        if not self.batch_mode:
+            return dumps({"data": batch[0].item}) if batch else b""
+        relationships = (
+            b',"relationships":{"lists":{"data":['
+            + dumps({"type": "list", "id": self.list_id})
+            + b"]}}"
+            if self.list_id
+            else b""
+        )
+        return (
+            b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
+            + b",".join(item.body for item in batch)
+            + b"]}}"
+            + relationships
+            + b"}}"
+        )
+
+    def item_index(self, pointer: str | None) -> int | None:
+        return pointer_index(pointer, PROFILES_POINTER) if self.batch_mode else None
+
+    def preflight(self, client: KlaviyoClient) -> None:
+        if self.list_id:
+            try:
+                client.get(f"/api/lists/{self.list_id}")
+            except PermanentError as exc:
+                if exc.status == 404:
+                    raise PermanentError(
+                        method=exc.method,
+                        path=exc.path,
+                        status=404,
+                        errors=exc.errors,
+                        hint=f"List {self.list_id!r} (syncs.{self.sync.name}.settings.list_id) "
+                        "does not exist in this Klaviyo account",
+                    ) from None
+                raise
+
+    def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
+        if self.batch_mode:
+            return self._send_bulk(client, batch)
+        return self._send_single(client, batch)
+
+    def _send_bulk(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
+        created = client.post("/api/profile-bulk-import-jobs", content=self.request_body(batch))
+        job_id = created["data"]["id"] if created else None
+        if not job_id:
+            raise TransientError(
+                method="POST",
+                path="/api/profile-bulk-import-jobs",
+                reason="Klaviyo accepted the bulk import job but returned no job id",
+            )
+        job = self._wait_for_job(client, job_id)
+        result = BatchResult(job_ids=[job_id])
+        if job["status"] != "complete":
+            result.unsent = list(batch)
+            result.error = TransientError(
+                method="GET",
+                path=f"/api/profile-bulk-import-jobs/{job_id}",
+                reason=f"bulk import job {job_id} ended {job['status']!r}",
+            )
+            return result
+        failed = self._import_errors(client, job_id, batch) if job.get("failed_count") else {}
+        for index, item in enumerate(batch):
+            if index in failed:
+                result.rejected.append(Rejected(item, *failed[index]))
+            else:
+                result.delivered.append(item)
+        return result
+
+    def _wait_for_job(self, client: KlaviyoClient, job_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.job_timeout
+        delay = 0.05
+        while True:
+            job = client.get(f"/api/profile-bulk-import-jobs/{job_id}")["data"]["attributes"]
+            if job["status"] in ("complete", "cancelled"):
+                return job
+            if time.monotonic() + delay > deadline:
+                raise JobTimeout(
+                    method="GET",
+                    path=f"/api/profile-bulk-import-jobs/{job_id}",
+                    reason=f"bulk import job {job_id} still {job['status']!r} after "
+                    f"{self.job_timeout:.0f} s",
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _import_errors(
+        self, client: KlaviyoClient, job_id: str, batch: Sequence[Prepared]
+    ) -> dict[int, tuple[str | None, str]]:
+        """Map each import error to the row it is about: by pointer, else by identifiers."""
+        by_identifier = {
+            (key, item.item["attributes"].get(key)): index
+            for index, item in enumerate(batch)
+            for key in IDENTIFIERS
+            if item.item["attributes"].get(key)
+        }
+        failed: dict[int, tuple[str | None, str]] = {}
+        path = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
+        for error in client.paginate(path, {"page[size]": 100}):
+            attributes = error.get("attributes", {})
+            pointer = (attributes.get("source") or {}).get("pointer")
+            index = pointer_index(pointer, PROFILES_POINTER)
+            if index is None:
+                original = attributes.get("original_payload") or {}
+                original = original.get("attributes", original)
+                index = next(
+                    (
+                        by_identifier[(k, original.get(k))]
+                        for k in IDENTIFIERS
+                        if (k, original.get(k)) in by_identifier
+                    ),
+                    None,
+                )
+            if index is not None and 0 <= index < len(batch):
+                reason = (
+                    attributes.get("detail") or attributes.get("title") or "rejected by Klaviyo"
+                )
+                failed[index] = (field_of_pointer(pointer), f"Klaviyo: {reason}")
+        return failed
+
+    def _send_single(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
+        result = BatchResult()
+        profile_ids: dict[int, str] = {}
+        for index, item in enumerate(batch):
+            try:
+                profile_ids[index] = self._upsert_one(client, item)
+            except AuthError as exc:
+                result.unsent += list(batch[index:])
+                result.error = exc
+                break
+            except PermanentError as exc:
+                detail = exc.errors[0] if exc.errors else None
+                reason = detail.detail if detail and detail.detail else str(exc)
+                result.rejected.append(
+                    Rejected(
+                        item,
+                        field_of_pointer(detail.pointer if detail else None),
+                        f"Klaviyo: {reason}",
+                    )
+                )
+            except KlaviyoError as exc:
+                result.unsent += list(batch[index:])
+                result.error = exc
+                break
+        sent = {i: batch[i] for i in profile_ids}
+        if self.list_id and profile_ids:
+            try:
+                for chunk in _chunks(list(profile_ids.items()), LIST_MEMBERSHIP.max_items or 1000):
+                    client.post(
+                        f"/api/lists/{self.list_id}/relationships/profiles",
+                        json={"data": [{"type": "profile", "id": pid} for _, pid in chunk]},
+                    )
+            except KlaviyoError as exc:
+                # The profiles exist but are not all in the list: send them again next run.
+                result.unsent = list(sent.values()) + result.unsent
+                result.error = result.error or exc
+                return result
+        result.delivered = list(sent.values())
+        return result
+
+    def _upsert_one(self, client: KlaviyoClient, item: Prepared) -> str:
+        try:
+            created = client.post("/api/profiles", content=dumps({"data": item.item}))
+            return created["data"]["id"]
+        except ConflictError as exc:
+            if not exc.duplicate_profile_id:
+                raise
+            profile_id = exc.duplicate_profile_id
+            client.patch(f"/api/profiles/{profile_id}", {"data": {**item.item, "id": profile_id}})
+            return profile_id
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,384 @@
+"""Run one sync: change set in the warehouse, batches to Klaviyo, outcomes into state and ledger.
+
+Knows nothing of Dagster, so the CLI, the Dagster assets and the tests all run syncs the same
+way. The loop commits each batch's outcome as soon as Klaviyo confirmed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from klaviyo_pipelines.actions.base import (
+    Action,
+    BatchResult,
+    Prepared,
+    Rejected,
+    field_of_pointer,
+)
+from klaviyo_pipelines.actions.factory import build_action
+from klaviyo_pipelines.actions.profile import InvalidRow
+from klaviyo_pipelines.actions.values import dumps, json_value
+from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
+from klaviyo_pipelines.klaviyo.client import KlaviyoClient
+from klaviyo_pipelines.klaviyo.errors import (
+    AuthError,
+    KlaviyoError,
+    PermanentError,
+    TransientError,
+)
+from klaviyo_pipelines.warehouse.changes import ChangeSet, compute_change_set, iter_changes
+from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.snapshot import key_problems, model_columns
+from klaviyo_pipelines.warehouse.state import (
+    Delivered,
+    Failure,
+    FailureKind,
+    ensure_tables,
+    forget_failures,
+    now,
+    record_failures,
+    record_outcomes,
+    record_run,
+)
+
+MAX_SAMPLES = 20
+KEY_PROBLEM_HASH = "primary_key"  # ledger rows about the key itself, replaced every run
+NULL_KEY = "<NULL>"
+SPLIT_STATUSES = frozenset({400, 413, 422})  # Klaviyo refused the payload, not the request
+
+
+@dataclass
+class SyncReport:
+    """What one run of a sync found and did; the source of metadata, CLI output and the run log."""
+
+    sync: str
+    action: str
+    model: str
+    status: str = "running"  # success | failed | planned
+    error: str | None = None
+    error_is_transient: bool = False  # worth an automatic retry (outage), unlike a bad key
+    found: dict[str, int] = field(default_factory=dict)
+    planned: dict[str, int] = field(default_factory=dict)
+    held_invalid: int = 0
+    key_rejected: int = 0
+    delivered: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    retryable: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    waited_seconds: float = 0.0
+    job_ids: list[str] = field(default_factory=list)
+    duration_seconds: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    payload_samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        done = sum(self.delivered.values()) + sum(self.rejected.values())
+        return done / self.duration_seconds if self.duration_seconds else 0.0
+
+    @property
+    def not_attempted(self) -> int:
+        handled = sum(self.delivered.values()) + sum(self.rejected.values())
+        return max(0, sum(self.planned.values()) - handled - sum(self.retryable.values()))
+
+    def summary(self) -> dict[str, Any]:
+        """The stable keys scripts read from `--output json`."""
+        return {
+            "status": self.status,
+            "added": self.planned.get("added", 0),
+            "updated": self.planned.get("updated", 0),
+            "deleted": self.planned.get("deleted", 0),
+            "delivered": sum(self.delivered.values()),
+            "rejected": sum(self.rejected.values()) + self.key_rejected,
+            "requests": self.requests,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "sync": self.sync,
+            "action": self.action,
+            "model": self.model,
+            "error": self.error,
+            "found": self.found,
+            "planned": self.planned,
+            "held_invalid": self.held_invalid,
+            "key_rejected": self.key_rejected,
+            "delivered_by_kind": dict(self.delivered),
+            "rejected_by_kind": dict(self.rejected),
+            "retryable_by_kind": dict(self.retryable),
+            "not_attempted": self.not_attempted,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "waited_seconds": round(self.waited_seconds, 3),
+            "job_ids": self.job_ids,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "rows_per_second": round(self.rows_per_second, 1),
+            "samples": self.samples,
+        }
+
+    def fail(self, error: KlaviyoError) -> None:
+        self.status, self.error = "failed", str(error)
+        self.error_is_transient = isinstance(error, TransientError)
+
+    def sample(self, key: str, kind: str, field: str | None, reason: str) -> None:
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append({"key": key, "kind": kind, "field": field, "reason": reason})
+
+
+BatchCallback = Callable[[SyncReport, BatchResult], None]
+
+
+@dataclass(frozen=True)
+class PreparedSync:
+    """A sync checked against its model and its change set computed: ready to send or show."""
+
+    sync: SyncSpec
+    model: ModelSpec
+    action: Action
+    columns: list[str]
+    changes: ChangeSet
+
+
+def check_sync(config: Config, sync_name: str, wh: Warehouse) -> Action:
+    """The sync's action, checked against the model's columns; ConfigError names the problem."""
+    sync = config.syncs[sync_name]
+    with wh.engine.begin() as conn:
+        columns = model_columns(wh, conn, config.model_of(sync), config.path)
+        ensure_tables(wh, conn, sync.name)
+    return build_action(sync, columns, config.path)
+
+
+def prepare_sync(
+    config: Config, sync_name: str, wh: Warehouse, report: SyncReport, retry_rejected: bool
+) -> PreparedSync:
+    """Validate the sync against the model (ConfigError before anything is sent), then diff."""
+    sync = config.syncs[sync_name]
+    model = config.model_of(sync)
+    action = check_sync(config, sync_name, wh)
+    read = sorted(action.columns)
+    report.key_rejected = _record_key_problems(wh, sync, model, report)
+    changes = compute_change_set(
+        wh, sync, read, fingerprint(sync, action, read), retry_rejected=retry_rejected
+    )
+    report.found, report.planned = changes.by_kind, changes.selected
+    report.held_invalid = changes.held_invalid
+    return PreparedSync(sync, model, action, read, changes)
+
+
+def run_sync(
+    config: Config,
+    sync_name: str,
+    wh: Warehouse,
+    client: KlaviyoClient,
+    *,
+    run_id: str = "manual",
+    retry_rejected: bool = False,
+    on_batch: BatchCallback | None = None,
+) -> SyncReport:
+    """Deliver the sync's change set. Klaviyo failures end as a failed report, never a raise;
+    a config problem raises ConfigError before anything is sent."""
+    sync = config.syncs[sync_name]
+    report = SyncReport(sync=sync.name, action=sync.action, model=sync.model)
+    started, clock = now(), time.monotonic()
+    before = client.stats
+    prepared = prepare_sync(config, sync_name, wh, report, retry_rejected)
+    try:
+        if prepared.changes.to_send:
+            prepared.action.preflight(client)
+        _deliver_all(prepared, wh, client, report, on_batch)
+        if not report.error:
+            report.status = "success"
+    except KlaviyoError as exc:
+        report.fail(exc)
+    finally:
+        after = client.stats
+        report.requests = after.requests - before.requests
+        report.retries = after.retries - before.retries
+        report.rate_limited = after.rate_limited - before.rate_limited
+        report.waited_seconds = after.waited_seconds - before.waited_seconds
+        report.duration_seconds = time.monotonic() - clock
+    record_run(wh, run_id, sync.name, started, report.status, report.to_dict())
+    return report
+
+
+def plan_sync(
+    config: Config, sync_name: str, wh: Warehouse, *, samples: int = 3, retry_rejected: bool = False
+) -> SyncReport:
+    """The change set and the first few request payloads, without sending anything."""
+    sync = config.syncs[sync_name]
+    report = SyncReport(sync=sync.name, action=sync.action, model=sync.model, status="planned")
+    prepared = prepare_sync(config, sync_name, wh, report, retry_rejected)
+    for page in iter_changes(wh, sync.name, prepared.columns, page_size=max(samples, 100)):
+        for row in page:
+            try:
+                item = prepared.action.prepare(row)
+            except InvalidRow as exc:
+                report.sample(row.key, row.kind.value, exc.field, exc.reason)
+                continue
+            if len(report.payload_samples) < samples:
+                body = prepared.action.request_body([item])
+                report.payload_samples.append(json.loads(body))
+        break
+    return report
+
+
+def fingerprint(sync: SyncSpec, action: Action, columns: Sequence[str]) -> str:
+    """Identifies what a row becomes in Klaviyo: a change here re-sends every row."""
+    settings = {k: v for k, v in sync.settings.items() if k not in action.transport_settings}
+    spec = {
+        "action": sync.action,
+        "mapping": sync.mapping,
+        "settings": settings,
+        "columns": columns,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _deliver_all(
+    prepared: PreparedSync,
+    wh: Warehouse,
+    client: KlaviyoClient,
+    report: SyncReport,
+    on_batch: BatchCallback | None,
+) -> None:
+    action, sync = prepared.action, prepared.sync
+    for page in iter_changes(wh, sync.name, prepared.columns, page_size=action.batch_size):
+        items: list[Prepared] = []
+        invalid: list[Failure] = []
+        for row in page:
+            try:
+                items.append(action.prepare(row))
+            except InvalidRow as exc:
+                invalid.append(
+                    Failure(row.key, row.row_hash, FailureKind.INVALID, exc.field, exc.reason)
+                )
+                report.rejected[row.kind.value] += 1
+                report.sample(row.key, row.kind.value, exc.field, exc.reason)
+        record_failures(wh, sync.name, invalid)
+        for batch in action.batches(items):
+            result = deliver_batch(action, client, batch)
+            _commit(wh, sync.name, result, report)
+            if on_batch:
+                on_batch(report, result)
+            if result.error:
+                report.fail(result.error)
+                return
+
+
+def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
+    """Send a batch; when Klaviyo refuses the whole request for some rows' sake, find those
+    rows (by error pointer, else by halving) so the good rows are still delivered."""
+    try:
+        return action.send(client, batch)
+    except AuthError as exc:
+        return BatchResult(unsent=list(batch), error=exc)
+    except PermanentError as exc:
+        if exc.status not in SPLIT_STATUSES:
+            return BatchResult(unsent=list(batch), error=exc)
+        pointed = {}
+        for detail in exc.errors:
+            index = action.item_index(detail.pointer)
+            if index is not None and 0 <= index < len(batch) and index not in pointed:
+                pointed[index] = detail
+        if pointed:
+            result = BatchResult(
+                rejected=[
+                    Rejected(
+                        batch[i], field_of_pointer(d.pointer), f"Klaviyo: {d.detail or d.title}"
+                    )
+                    for i, d in pointed.items()
+                ]
+            )
+            rest = [item for i, item in enumerate(batch) if i not in pointed]
+        elif len(batch) == 1:
+            detail = exc.errors[0] if exc.errors else None
+            reason = (detail.detail or detail.title) if detail else str(exc)
+            return BatchResult(
+                rejected=[
+                    Rejected(
+                        batch[0],
+                        field_of_pointer(detail.pointer if detail else None),
+                        f"Klaviyo: {reason}",
+                    )
+                ]
+            )
+        else:
+            result, rest = BatchResult(), list(batch)
+            half = len(rest) // 2
+            first = deliver_batch(action, client, rest[:half])
+            result.merge(first)
+            if first.error:
+                result.unsent += rest[half:]
+                return result
+            rest = rest[half:]
+        if rest:
+            result.merge(deliver_batch(action, client, rest))
+        return result
+    except KlaviyoError as exc:
+        return BatchResult(unsent=list(batch), error=exc)
+
+
+def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -> None:
+    delivered = [
+        Delivered(
+            key=item.row.key,
+            row_hash=item.row.row_hash,
+            row_json=dumps(json_value(item.row.values)).decode(),
+            deletion=item.row.kind.value == "deleted",
+        )
+        for item in result.delivered
+    ]
+    failures = [
+        Failure(r.item.row.key, r.item.row.row_hash, FailureKind.INVALID, r.field, r.reason)
+        for r in result.rejected
+    ]
+    reason = str(result.error) if result.error else "not confirmed by Klaviyo"
+    failures += [
+        Failure(item.row.key, item.row.row_hash, FailureKind.TRANSIENT, None, reason)
+        for item in result.unsent
+    ]
+    record_outcomes(wh, sync, delivered, failures)
+    for item in result.delivered:
+        report.delivered[item.row.kind.value] += 1
+    for rejected in result.rejected:
+        report.rejected[rejected.item.row.kind.value] += 1
+        report.sample(
+            rejected.item.row.key, rejected.item.row.kind.value, rejected.field, rejected.reason
+        )
+    for item in result.unsent:
+        report.retryable[item.row.kind.value] += 1
+    report.job_ids += result.job_ids
+
+
+def _record_key_problems(
+    wh: Warehouse, sync: SyncSpec, model: ModelSpec, report: SyncReport
+) -> int:
+    """Put NULL and duplicate primary keys in the ledger (replacing last run's); return rows."""
+    problems = key_problems(wh, model.name)
+    forget_failures(wh, sync.name, KEY_PROBLEM_HASH)
+    failures = [
+        Failure(
+            NULL_KEY if key is None else key,
+            KEY_PROBLEM_HASH,
+            FailureKind.INVALID,
+            model.primary_key,
+            f"{count} rows of model {model.name!r} have a NULL {model.primary_key}; they are not sent"
+            if key is None
+            else f"{count} rows of model {model.name!r} share {model.primary_key} {key!r}; "
+            "none is sent until it is unique",
+        )
+        for key, count in problems
+    ]
+    record_failures(wh, sync.name, failures)
+    for failure in failures:
+        report.sample(failure.key, "key", failure.field, failure.reason)
+    return sum(count for _, count in problems)

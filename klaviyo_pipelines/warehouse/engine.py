@@ -1,0 +1,95 @@
+"""The warehouse connection: one SQLAlchemy engine plus the few dialect differences we need.
+
+Only identifiers we quote ourselves and bound parameters ever reach SQL text; the user's model
+SQL is the one piece of SQL we run as given, since it is the user's own query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from klaviyo_pipelines.config import ModelSpec
+
+
+class Warehouse:
+    """A SQLAlchemy engine and the schema where snapshots, delivery state and the ledger live."""
+
+    def __init__(self, url: str, state_schema: str = "klaviyo_sync") -> None:
+        self.url = url
+        self.state_schema = state_schema
+        # DuckDB allows one writing process per file: release it between uses so that Dagster
+        # run workers, the CLI and the UI can take turns.
+        poolclass = NullPool if url.startswith("duckdb") else None
+        kwargs: dict[str, Any] = {"poolclass": poolclass} if poolclass else {"pool_pre_ping": True}
+        self.engine: Engine = sa.create_engine(url, **kwargs)
+        self.dialect = self.engine.dialect.name
+
+    def __repr__(self) -> str:
+        return f"Warehouse({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def quote(self, name: str) -> str:
+        return self.engine.dialect.identifier_preparer.quote_identifier(name)
+
+    def table(self, name: str) -> str:
+        """A quoted, schema-qualified name of one of our own tables."""
+        return f"{self.quote(self.state_schema)}.{self.quote(name)}"
+
+    def model_sql(self, model: ModelSpec) -> str:
+        if model.sql is not None:
+            return model.sql.strip().rstrip(";")
+        assert model.table is not None
+        return "select * from " + ".".join(self.quote(part) for part in model.table.split("."))
+
+    def ensure_schema(self, conn: Connection) -> None:
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {self.quote(self.state_schema)}"))
+
+    def table_exists(self, conn: Connection, name: str) -> bool:
+        return sa.inspect(conn).has_table(name, schema=self.state_schema)
+
+    def columns_of_query(self, conn: Connection, sql: str) -> list[str]:
+        result = conn.execute(sa.text(f"SELECT * FROM ({sql}) AS kp_model WHERE 1 = 0"))
+        return list(result.keys())
+
+    def bulk_insert(
+        self, conn: Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        """Insert many rows fast: COPY on PostgreSQL, a registered pandas frame on DuckDB.
+
+        `table` is an already quoted name. Values are passed as data, never formatted into SQL.
+        """
+        rows = list(rows)
+        if not rows:
+            return
+        column_list = ", ".join(self.quote(c) for c in columns)
+        raw = conn.connection.driver_connection
+        if self.dialect == "postgresql":
+            with (
+                raw.cursor() as cursor,
+                cursor.copy(f"COPY {table} ({column_list}) FROM STDIN") as copy,
+            ):
+                for row in rows:
+                    copy.write_row(row)
+        elif self.dialect == "duckdb":
+            import pandas as pd
+
+            frame = pd.DataFrame.from_records(rows, columns=list(columns))
+            view = "kp_bulk_rows"
+            raw.register(view, frame)
+            try:
+                raw.execute(f"INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {view}")
+            finally:
+                raw.unregister(view)
+        else:
+            placeholders = ", ".join(f":p{i}" for i in range(len(columns)))
+            conn.execute(
+                sa.text(f"INSERT INTO {table} ({column_list}) VALUES ({placeholders})"),
+                [{f"p{i}": value for i, value in enumerate(row)} for row in rows],
+            )

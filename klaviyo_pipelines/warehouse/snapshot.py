@@ -1,0 +1,125 @@
+"""Snapshot a model into the state schema: one consistent copy that every sync diffs against.
+
+The model's SQL runs once per snapshot, however many syncs read it, so checks and change sets
+all see the same rows. Row hashes are computed per sync in the change-set SQL, over just the
+columns that sync reads (see changes.py), so a change to a column no sync sends costs nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from klaviyo_pipelines.config import ConfigError, ModelSpec
+from klaviyo_pipelines.warehouse.engine import Warehouse
+
+KEY = "_kp_key"
+RESERVED_COLUMNS = frozenset(
+    {KEY, "_kp_hash", "_kp_seq", "_kp_send", "_kp_held", "_kp_kind", "_kp_row_json"}
+)
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    model: str
+    rows: int
+    columns: tuple[str, ...]
+    null_keys: int
+    duplicate_keys: int
+    duplicate_rows: int
+    seconds: float
+
+
+def snapshot_table(model: str) -> str:
+    return f"snapshot__{model}"
+
+
+def resolve_column(columns: list[str] | tuple[str, ...], wanted: str) -> str | None:
+    """The model column a config name refers to: exact first, then ignoring case."""
+    if wanted in columns:
+        return wanted
+    folded = [c for c in columns if c.lower() == wanted.lower()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def model_columns(wh: Warehouse, conn: Connection, model: ModelSpec, config_path: str) -> list[str]:
+    """The model's columns, read without running the query; a broken query is a config error."""
+    try:
+        columns = wh.columns_of_query(conn, wh.model_sql(model))
+    except sa.exc.SQLAlchemyError as exc:
+        source = "sql" if model.sql is not None else "table"
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise ConfigError(
+            config_path, f"models.{model.name}.{source}", f"cannot be read: {detail}"
+        ) from None
+    clash = RESERVED_COLUMNS.intersection(columns)
+    if clash:
+        raise ConfigError(
+            config_path, f"models.{model.name}", f"column names {sorted(clash)} are reserved"
+        )
+    if resolve_column(columns, model.primary_key) is None:
+        raise ConfigError(
+            config_path,
+            f"models.{model.name}.primary_key",
+            f"column {model.primary_key!r} is not in the model (columns: {', '.join(columns)})",
+        )
+    return columns
+
+
+def take_snapshot(wh: Warehouse, model: ModelSpec, config_path: str) -> SnapshotStats:
+    """Replace the model's snapshot table atomically and report its key health."""
+    started = time.monotonic()
+    final = snapshot_table(model.name)
+    staging = f"{final}__new"
+    with wh.engine.begin() as conn:
+        wh.ensure_schema(conn)
+        columns = model_columns(wh, conn, model, config_path)
+        pk = resolve_column(columns, model.primary_key)
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(staging)}"))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {wh.table(staging)} AS "
+                f"SELECT m.*, CAST(m.{wh.quote(pk)} AS VARCHAR) AS {KEY} "
+                f"FROM ({wh.model_sql(model)}) AS m"
+            )
+        )
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(final)}"))
+        conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
+        table = wh.table(final)
+        rows, null_keys = conn.execute(
+            sa.text(f"SELECT count(*), count(*) - count({KEY}) FROM {table}")
+        ).one()
+        duplicate_keys, duplicate_rows = conn.execute(
+            sa.text(
+                f"SELECT count(*), coalesce(sum(n), 0) FROM (SELECT {KEY}, count(*) AS n "
+                f"FROM {table} WHERE {KEY} IS NOT NULL GROUP BY {KEY} HAVING count(*) > 1) AS d"
+            )
+        ).one()
+        if wh.dialect == "postgresql":
+            conn.execute(sa.text(f"CREATE INDEX ON {table} ({KEY})"))
+    return SnapshotStats(
+        model=model.name,
+        rows=int(rows),
+        columns=tuple(columns),
+        null_keys=int(null_keys),
+        duplicate_keys=int(duplicate_keys),
+        duplicate_rows=int(duplicate_rows),
+        seconds=time.monotonic() - started,
+    )
+
+
+def key_problems(wh: Warehouse, model: str, limit: int = 1000) -> list[tuple[str | None, int]]:
+    """Keys that cannot identify a row: (None, n) for NULL keys, (key, n) for duplicates."""
+    table = wh.table(snapshot_table(model))
+    with wh.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"SELECT {KEY}, count(*) AS n FROM {table} GROUP BY {KEY} "
+                f"HAVING {KEY} IS NULL OR count(*) > 1 ORDER BY n DESC, {KEY} LIMIT :limit"
+            ),
+            {"limit": limit},
+        ).all()
+    return [(row[0], int(row[1])) for row in rows]

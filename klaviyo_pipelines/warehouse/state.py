@@ -1,0 +1,282 @@
+"""Delivery state, the failure ledger and the run log: what Klaviyo has confirmed, and what not.
+
+A row enters `state__<sync>` only once Klaviyo confirmed it, in the same transaction that
+clears it from the ledger; so a crash between batches loses nothing, since every row not yet
+confirmed is still in the next run's change set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from klaviyo_pipelines.warehouse.engine import Warehouse
+
+LEDGER = "ledger"
+RUNS = "sync_runs"
+
+
+class FailureKind(StrEnum):
+    """Transient rows are retried on every run; invalid ones only once the row changes."""
+
+    TRANSIENT = "transient"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class Delivered:
+    key: str
+    row_hash: str
+    row_json: str | None
+    deletion: bool = False
+
+
+@dataclass(frozen=True)
+class Failure:
+    key: str
+    row_hash: str
+    kind: FailureKind
+    field: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    sync: str
+    key: str
+    row_hash: str
+    kind: FailureKind
+    field: str | None
+    reason: str
+    attempts: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+def state_table(sync: str) -> str:
+    return f"state__{sync}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def ensure_tables(wh: Warehouse, conn: Connection, sync: str) -> None:
+    """Create the sync's state table and the shared ledger and run log when missing."""
+    wh.ensure_schema(conn)
+    conn.execute(
+        sa.text(
+            f"CREATE TABLE IF NOT EXISTS {wh.table(state_table(sync))} ("
+            "row_key VARCHAR NOT NULL, row_hash VARCHAR NOT NULL, row_json VARCHAR, "
+            "delivered_at TIMESTAMP NOT NULL)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            f"CREATE TABLE IF NOT EXISTS {wh.table(LEDGER)} ("
+            "sync VARCHAR NOT NULL, row_key VARCHAR NOT NULL, row_hash VARCHAR NOT NULL, "
+            "kind VARCHAR NOT NULL, field VARCHAR, reason VARCHAR NOT NULL, "
+            "attempts INTEGER NOT NULL, first_seen TIMESTAMP NOT NULL, last_seen TIMESTAMP NOT NULL)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            f"CREATE TABLE IF NOT EXISTS {wh.table(RUNS)} ("
+            "run_id VARCHAR NOT NULL, sync VARCHAR NOT NULL, started_at TIMESTAMP NOT NULL, "
+            "finished_at TIMESTAMP NOT NULL, status VARCHAR NOT NULL, report_json VARCHAR NOT NULL)"
+        )
+    )
+    if wh.dialect == "postgresql":
+        conn.execute(
+            sa.text(
+                f"CREATE UNIQUE INDEX IF NOT EXISTS {wh.quote(state_table(sync) + '__key')} "
+                f"ON {wh.table(state_table(sync))} (row_key)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE UNIQUE INDEX IF NOT EXISTS ledger__sync_key ON {wh.table(LEDGER)} "
+                "(sync, row_key)"
+            )
+        )
+
+
+def _staging(wh: Warehouse, conn: Connection, name: str, columns: str) -> str:
+    """A session-local scratch table, emptied, for set-based merges of one batch."""
+    conn.execute(sa.text(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns})"))
+    conn.execute(sa.text(f"DELETE FROM {name}"))
+    return name
+
+
+def record_outcomes(
+    wh: Warehouse, sync: str, delivered: Sequence[Delivered], failures: Sequence[Failure]
+) -> None:
+    """Commit one batch's outcome in one transaction: state, ledger, all or nothing."""
+    if not delivered and not failures:
+        return
+    stamp = now()
+    state, ledger = wh.table(state_table(sync)), wh.table(LEDGER)
+    with wh.engine.begin() as conn:
+        if delivered:
+            staged = _staging(
+                wh,
+                conn,
+                "kp_delivered_in",
+                "row_key VARCHAR, row_hash VARCHAR, row_json VARCHAR, deletion BOOLEAN",
+            )
+            wh.bulk_insert(
+                conn,
+                staged,
+                ["row_key", "row_hash", "row_json", "deletion"],
+                ((d.key, d.row_hash, d.row_json, d.deletion) for d in delivered),
+            )
+            conn.execute(
+                sa.text(f"DELETE FROM {state} WHERE row_key IN (SELECT row_key FROM {staged})")
+            )
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {state} (row_key, row_hash, row_json, delivered_at) "
+                    f"SELECT row_key, row_hash, row_json, :stamp FROM {staged} WHERE NOT deletion"
+                ),
+                {"stamp": stamp},
+            )
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {ledger} WHERE sync = :sync "
+                    f"AND row_key IN (SELECT row_key FROM {staged})"
+                ),
+                {"sync": sync},
+            )
+        if failures:
+            _merge_failures(wh, conn, sync, failures, stamp)
+
+
+def record_failures(wh: Warehouse, sync: str, failures: Sequence[Failure]) -> None:
+    if failures:
+        with wh.engine.begin() as conn:
+            _merge_failures(wh, conn, sync, failures, now())
+
+
+def forget_failures(wh: Warehouse, sync: str, row_hash: str) -> None:
+    """Drop the sync's ledger rows recorded under `row_hash` (a marker for whole-run checks)."""
+    with wh.engine.begin() as conn:
+        conn.execute(
+            sa.text(f"DELETE FROM {wh.table(LEDGER)} WHERE sync = :sync AND row_hash = :row_hash"),
+            {"sync": sync, "row_hash": row_hash},
+        )
+
+
+def _merge_failures(
+    wh: Warehouse, conn: Connection, sync: str, failures: Sequence[Failure], stamp: datetime
+) -> None:
+    ledger = wh.table(LEDGER)
+    staged = _staging(
+        wh,
+        conn,
+        "kp_failures_in",
+        "row_key VARCHAR, row_hash VARCHAR, kind VARCHAR, field VARCHAR, reason VARCHAR",
+    )
+    # The last word on a key wins when one batch reports it twice.
+    unique = {f.key: f for f in failures}
+    wh.bulk_insert(
+        conn,
+        staged,
+        ["row_key", "row_hash", "kind", "field", "reason"],
+        ((f.key, f.row_hash, f.kind.value, f.field, f.reason) for f in unique.values()),
+    )
+    params = {"sync": sync, "stamp": stamp}
+    conn.execute(
+        sa.text(
+            f"UPDATE {ledger} SET row_hash = i.row_hash, kind = i.kind, field = i.field, "
+            f"reason = i.reason, attempts = {ledger}.attempts + 1, last_seen = :stamp "
+            f"FROM {staged} AS i WHERE {ledger}.sync = :sync AND {ledger}.row_key = i.row_key"
+        ),
+        params,
+    )
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {ledger} (sync, row_key, row_hash, kind, field, reason, attempts, "
+            "first_seen, last_seen) "
+            f"SELECT CAST(:sync AS VARCHAR), i.row_key, i.row_hash, i.kind, i.field, i.reason, 1, "
+            "CAST(:stamp AS TIMESTAMP), CAST(:stamp AS TIMESTAMP) "
+            f"FROM {staged} AS i WHERE NOT EXISTS (SELECT 1 FROM {ledger} AS l "
+            "WHERE l.sync = :sync AND l.row_key = i.row_key)"
+        ),
+        params,
+    )
+
+
+def ledger_entries(wh: Warehouse, sync: str, limit: int | None = None) -> list[LedgerEntry]:
+    """The sync's rows awaiting retry or a fix, most recently seen first."""
+    with wh.engine.connect() as conn:
+        if not wh.table_exists(conn, LEDGER):
+            return []
+        query = (
+            "SELECT sync, row_key, row_hash, kind, field, reason, attempts, first_seen, last_seen "
+            f"FROM {wh.table(LEDGER)} WHERE sync = :sync ORDER BY last_seen DESC, row_key"
+        )
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        rows = conn.execute(sa.text(query), {"sync": sync}).all()
+    return [
+        LedgerEntry(r[0], r[1], r[2], FailureKind(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows
+    ]
+
+
+def delivered_count(wh: Warehouse, sync: str) -> int:
+    with wh.engine.connect() as conn:
+        if not wh.table_exists(conn, state_table(sync)):
+            return 0
+        return int(
+            conn.execute(sa.text(f"SELECT count(*) FROM {wh.table(state_table(sync))}")).scalar()
+        )
+
+
+def record_run(
+    wh: Warehouse,
+    run_id: str,
+    sync: str,
+    started_at: datetime,
+    status: str,
+    report: dict[str, Any],
+) -> None:
+    with wh.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {wh.table(RUNS)} (run_id, sync, started_at, finished_at, status, "
+                "report_json) VALUES (:run_id, :sync, :started, :finished, :status, :report)"
+            ),
+            {
+                "run_id": run_id,
+                "sync": sync,
+                "started": started_at,
+                "finished": now(),
+                "status": status,
+                "report": json.dumps(report, default=str),
+            },
+        )
+
+
+def run_report(wh: Warehouse, sync: str, run_id: str | None = None) -> dict[str, Any] | None:
+    """The report `record_run` stored for the sync's run `run_id`, or its latest run."""
+    where, params = "sync = :sync", {"sync": sync}
+    if run_id is not None:
+        where, params = where + " AND run_id = :run_id", {**params, "run_id": run_id}
+    with wh.engine.connect() as conn:
+        if not wh.table_exists(conn, RUNS):
+            return None
+        row = conn.execute(
+            sa.text(
+                f"SELECT report_json FROM {wh.table(RUNS)} WHERE {where} "
+                "ORDER BY finished_at DESC LIMIT 1"
+            ),
+            params,
+        ).first()
+    return json.loads(row[0]) if row else None
