@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make demo` and `make test`. Each sets itself up.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: demo test ui lint bench
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(DAGSTER_HOME):
+	mkdir -p $@
+
+demo: $(BIN)/.installed $(DAGSTER_HOME)
+	$(BIN)/klaviyo-pipelines demo
+
+test: $(BIN)/.installed
+	$(BIN)/pytest
+
+ui: $(BIN)/.installed $(DAGSTER_HOME)
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/change_set.py

@@ -1,0 +1,50 @@
+"""Dagster resources: the warehouse engine and the Klaviyo API, configured from the YAML file.
+
+The API key reaches Dagster only as an `EnvVar`, so the UI and the run config show the
+variable's name, never its value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+
+from klaviyo_pipelines.klaviyo.client import KlaviyoClient
+from klaviyo_pipelines.warehouse.engine import Warehouse
+
+# httpx logs every URL at INFO, query string included: profile lookups carry emails there.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The user's warehouse (any SQLAlchemy URL) and the schema our tables live in."""
+
+    url: str
+    state_schema: str = "klaviyo_sync"
+
+    def open(self) -> Warehouse:
+        return Warehouse(self.url, self.state_schema)
+
+
+class KlaviyoApiResource(dg.ConfigurableResource):
+    """Klaviyo's REST API: one client, with its rate limiter, per step."""
+
+    api_key: str
+    base_url: str = "https://a.klaviyo.com"
+    revision: str = "2026-07-15"
+    timeout_seconds: float = 30.0
+    max_attempts: int = 6
+
+    @contextmanager
+    def client(self) -> Iterator[KlaviyoClient]:
+        with KlaviyoClient(
+            self.api_key,
+            base_url=self.base_url,
+            revision=self.revision,
+            timeout=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+        ) as client:
+            yield client
