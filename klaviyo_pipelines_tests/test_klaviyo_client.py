@@ -222,15 +222,18 @@ def test_real_throttling_from_another_integration_is_absorbed() -> None:
 
 
 def test_pacing_keeps_a_single_client_under_the_limits() -> None:
-    """Accounts allow 1/s: the client waits on its own instead of collecting 429s."""
-    with Sandbox(api_key=API_KEY, port=0, time_scale=10.0).start() as fast:
-        with make_client(fast, time_scale=10.0) as c:
+    """Accounts allow 1/s: the client waits on its own instead of collecting 429s.
+
+    Time runs 4x fast (250 ms windows): faster scales leave a few ms of margin, which thread
+    scheduling on a loaded CI machine can eat, and the test would measure the machine."""
+    with Sandbox(api_key=API_KEY, port=0, time_scale=4.0).start() as fast:
+        with make_client(fast, time_scale=4.0) as c:
             started = time.monotonic()
             for _ in range(5):
                 c.get("/api/accounts")
-            assert time.monotonic() - started >= 0.4
+            assert time.monotonic() - started >= 1.0
             assert c.stats.rate_limited == 0
-            assert c.stats.waited_seconds >= 0.35
+            assert c.stats.waited_seconds >= 0.9
         assert statuses(fast) == [200] * 5
 
 

@@ -232,3 +232,17 @@ def test_threads_share_the_buckets() -> None:
 def test_time_scale_must_be_positive() -> None:
     with pytest.raises(ValueError):
         RateLimiter(time_scale=0)
+
+
+def test_burst_window_counts_a_request_from_when_it_was_answered() -> None:
+    """A slow answer may mean a late arrival at Klaviyo: the burst window starts then."""
+    clock = FakeClock()
+    limiter = exact_limiter(clock)
+    one_per_second = EndpointClass("one", burst_per_second=1, steady_per_minute=1000)
+    limiter.acquire(one_per_second)
+    sent_at = limiter.now()
+    clock.t += 0.4  # the answer takes 400 ms
+    limiter.observe(one_per_second, {}, sent_at=sent_at)
+    start = clock.t
+    limiter.acquire(one_per_second)
+    assert clock.t - start == pytest.approx(1.0)  # one full window after the answer

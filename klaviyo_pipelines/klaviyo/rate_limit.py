@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -162,6 +162,8 @@ class RateLimiter:
         with self._lock:
             now = self._clock()
             state = self._state(endpoint_class)
+            if sent_at is not None:
+                self._restamp(state.burst_log, sent_at, now)
             self._prune(state, now)
             if limit is not None and limit >= 1:
                 state.steady_limit = min(endpoint_class.steady_per_minute, int(limit))
@@ -188,6 +190,21 @@ class RateLimiter:
             state.paced_budget = max(server_left, 0)
             span = max(state.paced_until - now, 0.0)
             state.paced_interval = span / server_left if server_left > 0 else span
+
+    @staticmethod
+    def _restamp(log: deque[float], sent_at: float, answered_at: float) -> None:
+        """Count a request in the burst window from when it was answered, not sent.
+
+        Klaviyo stamps a request on arrival, somewhere between the two; the burst window
+        (1 s) is too short for a fixed margin to cover a slow connect or a loaded machine, so
+        the answer time, the latest the server can have stamped it, is the safe one.
+        """
+        # Our entry is the last one logged by then (another thread's, if they interleaved:
+        # moving any entry later only makes the pacing more careful).
+        index = bisect_right(log, sent_at) - 1
+        if index >= 0:
+            del log[index]
+            insort(log, max(answered_at, sent_at))
 
     def penalize(self, endpoint_class: EndpointClass, retry_after: float) -> None:
         """After a 429, hold every request of this class for `retry_after` (real) seconds."""
