@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: demo test ui lint bench
 
@@ -16,13 +16,13 @@ $(DAGSTER_HOME):
 	mkdir -p $@
 
 demo: $(BIN)/.installed $(DAGSTER_HOME)
-	$(BIN)/klaviyo-pipelines demo
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/klaviyo-pipelines demo
 
 test: $(BIN)/.installed
-	$(BIN)/pytest
+	env -u DAGSTER_HOME $(BIN)/pytest
 
 ui: $(BIN)/.installed $(DAGSTER_HOME)
-	PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh
+	DAGSTER_HOME=$(DAGSTER_HOME) PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -200,7 +200,10 @@ def _run_syncs(
 
     from klaviyo_pipelines.dagster_defs.execution import materialize_syncs
 
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    home = os.environ.get("DAGSTER_HOME")
+    if home:  # a persistent instance, so `dagster dev` shows these runs
+        os.makedirs(home, exist_ok=True)
+    instance = dg.DagsterInstance.get() if home else None
     return materialize_syncs(config, names, instance=instance, retry_rejected=retry_rejected)
 
 

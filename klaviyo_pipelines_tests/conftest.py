@@ -55,6 +55,12 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_dagster_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests use ephemeral Dagster instances, whatever DAGSTER_HOME the shell has."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+
+
 @pytest.fixture
 def duckdb_url(tmp_path: Path) -> str:
     return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
