@@ -100,6 +100,7 @@ class SyncSpec:
     schedule: str | None = None
     retry: RetrySpec = field(default_factory=RetrySpec)
     max_rejected_share: float = 0.05
+    extra_models: tuple[str, ...] = ()  # other models the action reads, e.g. line items
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,14 @@ def _parse_sync(
         delay_seconds=_number(retry_raw, "delay_seconds", path, f"{key}.retry.", 60, minimum=0),
     )
     share = _number(raw, "max_rejected_share", path, f"{key}.", 0.05, minimum=0)
+    extra_models = []
+    for setting, value in settings.items():  # a setting like {model: order_items, ...}
+        if isinstance(value, dict) and "model" in value:
+            if value["model"] not in models:
+                raise ConfigError(
+                    path, f"{key}.settings.{setting}.model", f"unknown model {value['model']!r}"
+                )
+            extra_models.append(value["model"])
     return SyncSpec(
         name=name,
         model=model,
@@ -347,6 +356,7 @@ def _parse_sync(
         schedule=schedule,
         retry=retry,
         max_rejected_share=share,
+        extra_models=tuple(extra_models),
     )
 
 

@@ -218,7 +218,7 @@ def plan_sync(
     report = SyncReport(sync=sync.name, action=sync.action, model=sync.model, status="planned")
     prepared = prepare_sync(config, sync_name, wh, report, retry_rejected)
     for page in iter_changes(wh, sync.name, prepared.columns, page_size=max(samples, 100)):
-        for row in page:
+        for row in prepared.action.enrich(wh, page):
             try:
                 item = prepared.action.prepare(row)
             except InvalidRow as exc:
@@ -252,6 +252,7 @@ def _deliver_all(
 ) -> None:
     action, sync = prepared.action, prepared.sync
     for page in iter_changes(wh, sync.name, prepared.columns, page_size=action.batch_size):
+        page = action.enrich(wh, page)
         items: list[Prepared] = []
         invalid: list[Failure] = []
         for row in page:

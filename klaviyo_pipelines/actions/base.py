@@ -17,6 +17,7 @@ from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
 from klaviyo_pipelines.klaviyo.errors import KlaviyoError
 from klaviyo_pipelines.warehouse.changes import ChangeRow
+from klaviyo_pipelines.warehouse.engine import Warehouse
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class Action(ABC):
 
     def preflight(self, client: KlaviyoClient) -> None:  # noqa: B027 - optional hook
         """Checks to run once before the first batch (e.g. that a configured list exists)."""
+
+    def enrich(self, wh: Warehouse, rows: list[ChangeRow]) -> list[ChangeRow]:
+        """Add what a page of rows needs from other models (e.g. an order's line items)."""
+        return rows
 
     def item_index(self, pointer: str | None) -> int | None:
         """Which item of a batch a Klaviyo error pointer names, when the endpoint says so."""

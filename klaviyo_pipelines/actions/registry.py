@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib.util import find_spec
 
 
 class ChangeKind(StrEnum):
@@ -24,7 +25,15 @@ class ActionInfo:
     name: str
     title: str
     allowed_kinds: frozenset[ChangeKind]
-    implemented: bool
+
+    @property
+    def module(self) -> str:
+        """Each action lives in `klaviyo_pipelines.actions.<name>`, exporting `ACTION`."""
+        return f"klaviyo_pipelines.actions.{self.name}"
+
+    @property
+    def implemented(self) -> bool:
+        return find_spec(self.module) is not None
 
 
 _A, _U, _D = ChangeKind.ADDED, ChangeKind.UPDATED, ChangeKind.DELETED
@@ -32,15 +41,15 @@ _A, _U, _D = ChangeKind.ADDED, ChangeKind.UPDATED, ChangeKind.DELETED
 ACTIONS: dict[str, ActionInfo] = {
     info.name: info
     for info in (
-        ActionInfo("upsert_profile", "Upsert Profile", frozenset({_A, _U}), True),
-        ActionInfo("track_event", "Track Event", frozenset({_A}), False),
-        ActionInfo("order_completed", "Order Completed", frozenset({_A}), False),
-        ActionInfo("remove_profile", "Remove Profile", frozenset({_A, _D}), False),
-        ActionInfo("subscribe_profile", "Subscribe Profile", frozenset({_A, _D}), False),
-        ActionInfo("unsubscribe_profile", "Unsubscribe Profile", frozenset({_A, _D}), False),
-        ActionInfo("add_profile_to_list", "Add Profile To List (Engage)", frozenset({_A}), False),
+        ActionInfo("upsert_profile", "Upsert Profile", frozenset({_A, _U})),
+        ActionInfo("track_event", "Track Event", frozenset({_A})),
+        ActionInfo("order_completed", "Order Completed", frozenset({_A})),
+        ActionInfo("remove_profile", "Remove Profile", frozenset({_A, _D})),
+        ActionInfo("subscribe_profile", "Subscribe Profile", frozenset({_A, _D})),
+        ActionInfo("unsubscribe_profile", "Unsubscribe Profile", frozenset({_A, _D})),
+        ActionInfo("add_profile_to_list", "Add Profile To List (Engage)", frozenset({_A})),
         ActionInfo(
-            "remove_profile_from_list", "Remove Profile from List (Engage)", frozenset({_A}), False
+            "remove_profile_from_list", "Remove Profile from List (Engage)", frozenset({_A})
         ),
     )
 }

@@ -277,3 +277,6 @@ class UpsertProfile(Action):
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+ACTION = UpsertProfile

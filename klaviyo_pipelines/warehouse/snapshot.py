@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -123,3 +124,32 @@ def key_problems(wh: Warehouse, model: str, limit: int = 1000) -> list[tuple[str
             {"limit": limit},
         ).all()
     return [(row[0], int(row[1])) for row in rows]
+
+
+def snapshot_rows_for_keys(
+    wh: Warehouse, model: str, key_column: str, keys: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows of another model's snapshot whose `key_column` is one of `keys`, grouped by key.
+
+    For actions that join a second model (an order's line items) one page at a time: the
+    keys are bulk-loaded into a scratch table and joined, never formatted into SQL.
+    """
+    if not keys:
+        return {}
+    table = wh.table(snapshot_table(model))
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TEMP TABLE IF NOT EXISTS kp_wanted_keys (k VARCHAR)"))
+        conn.execute(sa.text("DELETE FROM kp_wanted_keys"))
+        wh.bulk_insert(conn, "kp_wanted_keys", ["k"], ((k,) for k in set(keys)))
+        result = conn.execute(
+            sa.text(
+                f"SELECT s.* FROM {table} AS s JOIN kp_wanted_keys AS w "
+                f"ON CAST(s.{wh.quote(key_column)} AS VARCHAR) = w.k"
+            )
+        )
+        names = [c for c in result.keys() if c not in RESERVED_COLUMNS]  # noqa: SIM118 - a cursor
+        for row in result.mappings():
+            values = {name: row[name] for name in names}
+            grouped.setdefault(str(row[key_column]), []).append(values)
+    return grouped
