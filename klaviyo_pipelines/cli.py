@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--select", action="append", metavar="SYNC", help="repeatable")
         command.add_argument(
+            "--partition",
+            action="append",
+            default=[],
+            metavar="YYYY-MM-DD",
+            help="day(s) of partitioned models (repeatable; sync default: today)",
+        )
+        command.add_argument(
             "--retry-rejected",
             action="store_true",
             help="also re-send unchanged rows that were rejected as invalid before",
@@ -122,10 +129,23 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = _selected(config, args.select)
     wh = _warehouse(config)
+    partition = args.partition[0] if args.partition else None
     try:
-        for model in {config.syncs[n].model for n in names}:
-            take_snapshot(wh, config.models[model], config.path)
-        reports = {n: plan_sync(config, n, wh, retry_rejected=args.retry_rejected) for n in names}
+        for model in {
+            m for n in names for m in (config.syncs[n].model, *config.syncs[n].extra_models)
+        }:
+            spec = config.models[model]
+            take_snapshot(wh, spec, config.path, partition if spec.partition else None)
+        reports = {
+            n: plan_sync(
+                config,
+                n,
+                wh,
+                retry_rejected=args.retry_rejected,
+                partition=partition if config.models[config.syncs[n].model].partition else None,
+            )
+            for n in names
+        }
     finally:
         wh.dispose()
     if args.output == "json":
@@ -176,7 +196,9 @@ def _sync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = _selected(config, args.select)
     _check(config, names)
-    reports = _run_syncs(config, names, retry_rejected=args.retry_rejected)
+    reports = _run_syncs(
+        config, names, retry_rejected=args.retry_rejected, partitions=args.partition
+    )
     _print_reports(args, reports)
     return EXIT_OK if all(r["status"] == "success" for r in reports.values()) else EXIT_FAILED
 
@@ -194,7 +216,7 @@ def _check(config: Config, names: list[str]) -> None:
 
 
 def _run_syncs(
-    config: Config, names: list[str], retry_rejected: bool = False
+    config: Config, names: list[str], retry_rejected: bool = False, partitions: Sequence[str] = ()
 ) -> dict[str, dict[str, Any]]:
     import dagster as dg
 
@@ -204,7 +226,9 @@ def _run_syncs(
     if home:  # a persistent instance, so `dagster dev` shows these runs
         os.makedirs(home, exist_ok=True)
     instance = dg.DagsterInstance.get() if home else None
-    return materialize_syncs(config, names, instance=instance, retry_rejected=retry_rejected)
+    return materialize_syncs(
+        config, names, instance=instance, retry_rejected=retry_rejected, partitions=partitions
+    )
 
 
 def _print_reports(args: argparse.Namespace, reports: dict[str, dict[str, Any]]) -> None:

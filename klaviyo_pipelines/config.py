@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,20 @@ class KlaviyoSpec:
 
 
 @dataclass(frozen=True)
+class PartitionSpec:
+    """Daily partitions by a timestamp column, so history can be backfilled day by day."""
+
+    column: str
+    start: str  # YYYY-MM-DD, the first day
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     primary_key: str
     sql: str | None = None
     table: str | None = None
+    partition: PartitionSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -265,7 +275,7 @@ def _number(
 def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
     key = f"models.{name}"
     _identifier(name, path, key)
-    _no_unknown(raw, {"sql", "table", "primary_key"}, path, f"{key}.")
+    _no_unknown(raw, {"sql", "table", "primary_key", "partition"}, path, f"{key}.")
     if ("sql" in raw) == ("table" in raw):
         raise ConfigError(path, key, "give exactly one of 'sql' or 'table'")
     if not raw.get("primary_key"):
@@ -281,7 +291,26 @@ def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
         primary_key=_string(raw, "primary_key", path, f"{key}.primary_key"),
         sql=_string(raw, "sql", path, f"{key}.sql") if "sql" in raw else None,
         table=table,
+        partition=_parse_partition(raw.get("partition"), path, f"{key}.partition"),
     )
+
+
+def _parse_partition(raw: Any, path: str, key: str) -> PartitionSpec | None:
+    if raw is None:
+        return None
+    raw = _mapping(raw, path, key)
+    _no_unknown(raw, {"column", "start"}, path, f"{key}.")
+    start = raw.get("start")  # YAML reads an unquoted 2026-01-01 as a date
+    start = (
+        start.isoformat()
+        if isinstance(start, date)
+        else _string(raw, "start", path, f"{key}.start")
+    )
+    try:
+        date.fromisoformat(start)
+    except ValueError:
+        raise ConfigError(path, f"{key}.start", f"{start!r} is not a YYYY-MM-DD date") from None
+    return PartitionSpec(column=_string(raw, "column", path, f"{key}.column"), start=start)
 
 
 def _parse_sync(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from klaviyo_pipelines.config import Config, load_config
+from klaviyo_pipelines.config import Config, SyncSpec, load_config
 from klaviyo_pipelines.dagster_defs.assets import (
     build_snapshot_asset,
     build_sync_asset,
+    partitions_of,
     snapshot_key,
     sync_key,
 )
@@ -39,18 +40,45 @@ def build_assets(config: Config) -> list[dg.AssetsDefinition]:
     ]
 
 
-def build_definitions(config: Config) -> dg.Definitions:
-    schedules = [
-        dg.ScheduleDefinition(
-            name=f"{sync.name}_schedule",
-            target=dg.AssetSelection.assets(snapshot_key(sync.model), sync_key(sync.name)),
+def sync_selection(sync: SyncSpec) -> dg.AssetSelection:
+    """A sync's asset and the snapshots it reads: what one run of the sync materializes."""
+    models = (sync.model, *sync.extra_models)
+    return dg.AssetSelection.assets(*(snapshot_key(m) for m in models), sync_key(sync.name))
+
+
+def build_schedule(config: Config, sync: SyncSpec) -> dg.ScheduleDefinition:
+    """The sync's cron; a partitioned sync runs yesterday's and today's days on each tick,
+    so late-arriving rows of yesterday are picked up too."""
+    name, description = f"{sync.name}_schedule", f"Runs sync {sync.name!r} on its cron."
+    partitions = partitions_of(config.models[sync.model])
+    if partitions is None:
+        return dg.ScheduleDefinition(
+            name=name,
+            target=sync_selection(sync),
             cron_schedule=sync.schedule,
             default_status=dg.DefaultScheduleStatus.RUNNING,
-            description=f"Runs sync {sync.name!r} on its configured cron.",
+            description=description,
         )
-        for sync in config.syncs.values()
-        if sync.schedule
-    ]
+
+    @dg.schedule(
+        name=name,
+        target=sync_selection(sync),
+        cron_schedule=sync.schedule,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )
+    def recent_days(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+        keys = partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+        return [
+            dg.RunRequest(run_key=f"{key}@{context.scheduled_execution_time}", partition_key=key)
+            for key in keys[-2:]
+        ]
+
+    return recent_days
+
+
+def build_definitions(config: Config) -> dg.Definitions:
+    schedules = [build_schedule(config, s) for s in config.syncs.values() if s.schedule]
     return dg.Definitions(
         assets=build_assets(config), schedules=schedules, resources=build_resources(config)
     )

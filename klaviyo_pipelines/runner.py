@@ -66,7 +66,9 @@ class SyncReport:
     found: dict[str, int] = field(default_factory=dict)
     planned: dict[str, int] = field(default_factory=dict)
     held_invalid: int = 0
+    acknowledged: int = 0
     key_rejected: int = 0
+    partition: str | None = None
     delivered: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     retryable: Counter[str] = field(default_factory=Counter)
@@ -111,7 +113,9 @@ class SyncReport:
             "found": self.found,
             "planned": self.planned,
             "held_invalid": self.held_invalid,
+            "acknowledged": self.acknowledged,
             "key_rejected": self.key_rejected,
+            "partition": self.partition,
             "delivered_by_kind": dict(self.delivered),
             "rejected_by_kind": dict(self.rejected),
             "retryable_by_kind": dict(self.retryable),
@@ -146,6 +150,7 @@ class PreparedSync:
     action: Action
     columns: list[str]
     changes: ChangeSet
+    partition: str | None
 
 
 def check_sync(config: Config, sync_name: str, wh: Warehouse) -> Action:
@@ -158,20 +163,33 @@ def check_sync(config: Config, sync_name: str, wh: Warehouse) -> Action:
 
 
 def prepare_sync(
-    config: Config, sync_name: str, wh: Warehouse, report: SyncReport, retry_rejected: bool
+    config: Config,
+    sync_name: str,
+    wh: Warehouse,
+    report: SyncReport,
+    retry_rejected: bool,
+    partition: str | None = None,
+    acknowledge: bool = True,
 ) -> PreparedSync:
     """Validate the sync against the model (ConfigError before anything is sent), then diff."""
     sync = config.syncs[sync_name]
     model = config.model_of(sync)
     action = check_sync(config, sync_name, wh)
     read = sorted(action.columns)
-    report.key_rejected = _record_key_problems(wh, sync, model, report)
+    report.partition = partition
+    report.key_rejected = _record_key_problems(wh, sync, model, report, partition)
     changes = compute_change_set(
-        wh, sync, read, fingerprint(sync, action, read), retry_rejected=retry_rejected
+        wh,
+        sync,
+        read,
+        fingerprint(sync, action, read),
+        partition=partition,
+        retry_rejected=retry_rejected,
+        acknowledge=acknowledge,
     )
     report.found, report.planned = changes.by_kind, changes.selected
-    report.held_invalid = changes.held_invalid
-    return PreparedSync(sync, model, action, read, changes)
+    report.held_invalid, report.acknowledged = changes.held_invalid, changes.acknowledged
+    return PreparedSync(sync, model, action, read, changes, partition)
 
 
 def run_sync(
@@ -182,6 +200,7 @@ def run_sync(
     *,
     run_id: str = "manual",
     retry_rejected: bool = False,
+    partition: str | None = None,
     on_batch: BatchCallback | None = None,
 ) -> SyncReport:
     """Deliver the sync's change set. Klaviyo failures end as a failed report, never a raise;
@@ -190,7 +209,7 @@ def run_sync(
     report = SyncReport(sync=sync.name, action=sync.action, model=sync.model)
     started, clock = now(), time.monotonic()
     before = client.stats
-    prepared = prepare_sync(config, sync_name, wh, report, retry_rejected)
+    prepared = prepare_sync(config, sync_name, wh, report, retry_rejected, partition)
     try:
         if prepared.changes.to_send:
             prepared.action.preflight(client)
@@ -211,13 +230,24 @@ def run_sync(
 
 
 def plan_sync(
-    config: Config, sync_name: str, wh: Warehouse, *, samples: int = 3, retry_rejected: bool = False
+    config: Config,
+    sync_name: str,
+    wh: Warehouse,
+    *,
+    samples: int = 3,
+    retry_rejected: bool = False,
+    partition: str | None = None,
 ) -> SyncReport:
     """The change set and the first few request payloads, without sending anything."""
     sync = config.syncs[sync_name]
     report = SyncReport(sync=sync.name, action=sync.action, model=sync.model, status="planned")
-    prepared = prepare_sync(config, sync_name, wh, report, retry_rejected)
-    for page in iter_changes(wh, sync.name, prepared.columns, page_size=max(samples, 100)):
+    prepared = prepare_sync(
+        config, sync_name, wh, report, retry_rejected, partition, acknowledge=False
+    )
+    pages = iter_changes(
+        wh, sync.name, prepared.columns, page_size=max(samples, 100), partition=partition
+    )
+    for page in pages:
         for row in prepared.action.enrich(wh, page):
             try:
                 item = prepared.action.prepare(row)
@@ -251,7 +281,10 @@ def _deliver_all(
     on_batch: BatchCallback | None,
 ) -> None:
     action, sync = prepared.action, prepared.sync
-    for page in iter_changes(wh, sync.name, prepared.columns, page_size=action.batch_size):
+    pages = iter_changes(
+        wh, sync.name, prepared.columns, page_size=action.batch_size, partition=prepared.partition
+    )
+    for page in pages:
         page = action.enrich(wh, page)
         items: list[Prepared] = []
         invalid: list[Failure] = []
@@ -335,6 +368,7 @@ def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -
             row_hash=item.row.row_hash,
             row_json=dumps(json_value(item.row.values)).decode(),
             deletion=item.row.kind.value == "deleted",
+            partition=item.row.partition,
         )
         for item in result.delivered
     ]
@@ -361,10 +395,10 @@ def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -
 
 
 def _record_key_problems(
-    wh: Warehouse, sync: SyncSpec, model: ModelSpec, report: SyncReport
+    wh: Warehouse, sync: SyncSpec, model: ModelSpec, report: SyncReport, partition: str | None
 ) -> int:
     """Put NULL and duplicate primary keys in the ledger (replacing last run's); return rows."""
-    problems = key_problems(wh, model.name)
+    problems = key_problems(wh, model.name, partition)
     forget_failures(wh, sync.name, KEY_PROBLEM_HASH)
     failures = [
         Failure(

@@ -111,11 +111,11 @@ def test_config_errors_name_the_place(change: tuple[str, str], key: str, words: 
     assert error.path == "conf.yaml"
 
 
-def test_track_event_is_recognised_but_refused_until_it_exists() -> None:
-    error = error_of(
-        BASE.replace("upsert_profile", "track_event").replace("[added, updated]", "[added]")
+def test_an_action_without_a_module_yet_is_recognised_but_refused() -> None:
+    text = BASE.replace("upsert_profile", "add_profile_to_list").replace(
+        "[added, updated]", "[added]"
     )
-    assert "not available" in error.reason
+    assert "not available" in error_of(text).reason
 
 
 def test_bad_yaml_names_the_line() -> None:

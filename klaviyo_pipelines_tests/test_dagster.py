@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -115,3 +116,63 @@ def test_workspace_loads_in_dagster_from_the_repo_root(tmp_path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PARTITIONED = """
+warehouse: {{url: "{url}"}}
+klaviyo: {{api_key: "${{KLAVIYO_API_KEY}}", base_url: "{base}"}}
+models:
+  signups:
+    sql: select * from crm.signups
+    primary_key: id
+    partition: {{column: signed_up_at, start: "2026-11-01"}}
+syncs:
+  signup_profiles:
+    model: signups
+    action: upsert_profile
+    schedule: "0 * * * *"
+    retry: {{max_retries: 0}}
+"""
+
+
+def test_partitioned_syncs_backfill_day_by_day_and_schedule_recent_days(
+    duckdb_url, sandbox
+) -> None:
+    import sqlalchemy as sa
+
+    from klaviyo_pipelines.warehouse.engine import Warehouse
+
+    wh = Warehouse(duckdb_url)
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA crm"))
+        conn.execute(
+            sa.text(
+                "CREATE TABLE crm.signups AS SELECT range AS id, 'u' || range || '@example.com' "
+                "AS email, TIMESTAMP '2026-11-01 08:00' + range * INTERVAL 6 HOUR AS signed_up_at "
+                "FROM range(12)"
+            )
+        )
+    wh.dispose()
+    config = parse_config(PARTITIONED.format(url=duckdb_url, base=sandbox.url), "p.yaml")
+    instance = dg.DagsterInstance.ephemeral()
+    report = materialize_syncs(
+        config, ["signup_profiles"], instance=instance, partitions=["2026-11-01", "2026-11-02"]
+    )["signup_profiles"]
+    assert report["status"] == "success"
+    assert {day: r["delivered"] for day, r in report["partitions"].items()} == {
+        "2026-11-01": 3,  # 08:00, 14:00, 20:00
+        "2026-11-02": 4,
+    }
+    assert report["delivered"] == 7 and len(sandbox.state.profiles) == 7
+    materialized = instance.get_materialized_partitions(sync_key("signup_profiles"))
+    assert materialized == {"2026-11-01", "2026-11-02"}
+
+    defs = build_definitions(config)
+    schedule = defs.resolve_schedule_def("signup_profiles_schedule")
+    with dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=datetime(2026, 11, 5, 10, tzinfo=UTC),
+        repository_def=defs.get_repository_def(),
+    ) as context:
+        requests = schedule.evaluate_tick(context).run_requests
+    assert [r.partition_key for r in requests] == ["2026-11-04", "2026-11-05"]

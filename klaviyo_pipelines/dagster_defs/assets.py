@@ -25,6 +25,17 @@ def sync_key(sync: str) -> dg.AssetKey:
     return dg.AssetKey(["klaviyo", sync])
 
 
+def partitions_of(model: ModelSpec) -> dg.DailyPartitionsDefinition | None:
+    """Daily partitions for a partitioned model, today's included (events arrive all day)."""
+    if model.partition is None:
+        return None
+    return dg.DailyPartitionsDefinition(start_date=model.partition.start, end_offset=1)
+
+
+def partition_of(context: dg.AssetExecutionContext) -> str | None:
+    return context.partition_key if context.has_partition_key else None
+
+
 class SyncRunConfig(dg.Config):
     """Per-run options, settable from the launchpad or `klaviyo-pipelines sync`."""
 
@@ -39,6 +50,7 @@ def build_snapshot_asset(app: Config, model: ModelSpec) -> dg.AssetsDefinition:
         group_name="warehouse",
         description=f"Snapshot of model {model.name!r} (primary key {model.primary_key}).",
         kinds={"sql"},
+        partitions_def=partitions_of(model),
         check_specs=[
             dg.AssetCheckSpec(
                 PRIMARY_KEY_CHECK,
@@ -47,10 +59,12 @@ def build_snapshot_asset(app: Config, model: ModelSpec) -> dg.AssetsDefinition:
             )
         ],
     )
-    def snapshot(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def snapshot(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
         wh = warehouse.open()
         try:
-            stats = take_snapshot(wh, model, app.path)
+            stats = take_snapshot(wh, model, app.path, partition_of(context))
         finally:
             wh.dispose()
         return dg.MaterializeResult(
@@ -78,7 +92,8 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
-        deps=[snapshot_key(sync.model)],
+        deps=[snapshot_key(m) for m in (sync.model, *sync.extra_models)],
+        partitions_def=partitions_of(app.models[sync.model]),
         group_name="klaviyo",
         description=f"{sync.action} of model {sync.model!r} on {', '.join(sync.on)} rows.",
         kinds={"klaviyo"},
@@ -108,6 +123,7 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
                     client,
                     run_id=context.run_id,
                     retry_rejected=config.retry_rejected,
+                    partition=partition_of(context),
                     on_batch=lambda r, b: context.log.info(
                         f"batch: {len(b.delivered)} delivered, {len(b.rejected)} rejected, "
                         f"{len(b.unsent)} to retry; {sum(r.delivered.values())} delivered so far"

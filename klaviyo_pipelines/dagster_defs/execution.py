@@ -11,11 +11,13 @@ from typing import Any
 
 import dagster as dg
 
-from klaviyo_pipelines.config import Config
-from klaviyo_pipelines.dagster_defs.assets import SyncRunConfig, snapshot_key, sync_key
-from klaviyo_pipelines.definitions import build_assets, build_resources
+from klaviyo_pipelines.config import Config, SyncSpec
+from klaviyo_pipelines.dagster_defs.assets import SyncRunConfig, partitions_of, sync_key
+from klaviyo_pipelines.definitions import build_assets, build_resources, sync_selection
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.state import run_report
+
+SUMMED = ("added", "updated", "deleted", "delivered", "rejected", "requests")
 
 
 def materialize_syncs(
@@ -24,11 +26,45 @@ def materialize_syncs(
     *,
     instance: dg.DagsterInstance | None = None,
     retry_rejected: bool = False,
+    partitions: Sequence[str] = (),
     log_level: str = "WARNING",
 ) -> dict[str, dict[str, Any]]:
-    """Materialize the syncs (and their snapshots) in one run; return each sync's report."""
+    """Materialize the syncs and the snapshots they read; return each sync's report.
+
+    Unpartitioned syncs share one run. A partitioned sync runs once per partition key given
+    (default: the latest day, today), and its report sums the days, each kept under
+    `partitions`.
+    """
     specs = [config.syncs[name] for name in syncs]
-    selection = [snapshot_key(s.model) for s in specs] + [sync_key(s.name) for s in specs]
+    plain = [s for s in specs if config.models[s.model].partition is None]
+    reports: dict[str, dict[str, Any]] = {}
+    if plain:
+        reports |= _run(config, plain, None, instance, retry_rejected, log_level)
+    for spec in specs:
+        if spec in plain:
+            continue
+        partitions_def = partitions_of(config.models[spec.model])
+        assert partitions_def is not None
+        keys = list(partitions) or partitions_def.get_partition_keys()[-1:]
+        days = {
+            key: _run(config, [spec], key, instance, retry_rejected, log_level)[spec.name]
+            for key in keys
+        }
+        reports[spec.name] = _sum_days(days)
+    return reports
+
+
+def _run(
+    config: Config,
+    specs: Sequence[SyncSpec],
+    partition: str | None,
+    instance: dg.DagsterInstance | None,
+    retry_rejected: bool,
+    log_level: str,
+) -> dict[str, dict[str, Any]]:
+    selection = dg.AssetSelection.assets()
+    for spec in specs:
+        selection = selection | sync_selection(spec)
     run_config = dg.RunConfig(
         ops={
             sync_key(s.name).to_python_identifier(): SyncRunConfig(retry_rejected=retry_rejected)
@@ -42,6 +78,7 @@ def materialize_syncs(
         resources=build_resources(config),
         instance=instance,
         run_config=run_config,
+        partition_key=partition,
         raise_on_error=False,
     )
     failures = [
@@ -58,14 +95,20 @@ def materialize_syncs(
                 report = {
                     "status": "failed",
                     "error": "; ".join(failures) or "the sync step did not run",
-                    "added": 0,
-                    "updated": 0,
-                    "deleted": 0,
-                    "delivered": 0,
-                    "rejected": 0,
-                    "requests": 0,
+                    **dict.fromkeys(SUMMED, 0),
                 }
             reports[spec.name] = report
         return reports
     finally:
         wh.dispose()
+
+
+def _sum_days(days: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    failed = [key for key, report in days.items() if report["status"] != "success"]
+    errors = [f"{key}: {days[key].get('error')}" for key in failed]
+    return {
+        "status": "failed" if failed else "success",
+        "error": "; ".join(errors) or None,
+        **{name: sum(report.get(name, 0) for report in days.values()) for name in SUMMED},
+        "partitions": days,
+    }

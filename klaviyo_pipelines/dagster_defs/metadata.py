@@ -22,6 +22,7 @@ def sync_metadata(report: SyncReport) -> dict[str, Any]:
         "klaviyo/retryable": sum(report.retryable.values()),
         "klaviyo/not_attempted": report.not_attempted,
         "klaviyo/held_invalid": report.held_invalid,
+        "klaviyo/acknowledged": report.acknowledged,
         "klaviyo/key_rejected": report.key_rejected,
         "klaviyo/requests": report.requests,
         "klaviyo/retries": report.retries,

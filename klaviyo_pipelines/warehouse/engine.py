@@ -58,6 +58,17 @@ class Warehouse:
         result = conn.execute(sa.text(f"SELECT * FROM ({sql}) AS kp_model WHERE 1 = 0"))
         return list(result.keys())
 
+    def row_json_sql(self, columns: Sequence[str], alias: str) -> str:
+        """SQL for a JSON text object of `alias`'s columns: how a row was, kept in the state."""
+        names = [self.quote(c) for c in columns]
+        if self.dialect == "postgresql":
+            listed = ", ".join(f"{alias}.{n}" for n in names)
+            return f"CAST((SELECT row_to_json(r) FROM (SELECT {listed}) AS r) AS VARCHAR)"
+        if self.dialect == "duckdb":
+            packed = ", ".join(f"{n} := {alias}.{n}" for n in names)
+            return f"CAST(to_json(struct_pack({packed})) AS VARCHAR)"
+        return "CAST(NULL AS VARCHAR)"  # other warehouses: deletions then carry the key only
+
     def bulk_insert(
         self, conn: Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     ) -> None:

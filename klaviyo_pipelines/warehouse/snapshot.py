@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,8 +19,9 @@ from klaviyo_pipelines.config import ConfigError, ModelSpec
 from klaviyo_pipelines.warehouse.engine import Warehouse
 
 KEY = "_kp_key"
+PARTITION = "_kp_partition"
 RESERVED_COLUMNS = frozenset(
-    {KEY, "_kp_hash", "_kp_seq", "_kp_send", "_kp_held", "_kp_kind", "_kp_row_json"}
+    {KEY, PARTITION, "_kp_hash", "_kp_seq", "_kp_send", "_kp_held", "_kp_kind", "_kp_row_json"}
 )
 
 
@@ -70,37 +72,38 @@ def model_columns(wh: Warehouse, conn: Connection, model: ModelSpec, config_path
     return columns
 
 
-def take_snapshot(wh: Warehouse, model: ModelSpec, config_path: str) -> SnapshotStats:
-    """Replace the model's snapshot table atomically and report its key health."""
+def take_snapshot(
+    wh: Warehouse, model: ModelSpec, config_path: str, partition: str | None = None
+) -> SnapshotStats:
+    """Snapshot the whole model (atomic swap), or one day of a partitioned model in place."""
     started = time.monotonic()
     final = snapshot_table(model.name)
-    staging = f"{final}__new"
+    table = wh.table(final)
     with wh.engine.begin() as conn:
         wh.ensure_schema(conn)
         columns = model_columns(wh, conn, model, config_path)
-        pk = resolve_column(columns, model.primary_key)
-        conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(staging)}"))
-        conn.execute(
-            sa.text(
-                f"CREATE TABLE {wh.table(staging)} AS "
-                f"SELECT m.*, CAST(m.{wh.quote(pk)} AS VARCHAR) AS {KEY} "
-                f"FROM ({wh.model_sql(model)}) AS m"
-            )
-        )
-        conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(final)}"))
-        conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
-        table = wh.table(final)
+        select = _snapshot_select(wh, model, columns, config_path)
+        if partition is None:
+            staging = f"{final}__new"
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(staging)}"))
+            conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"))
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
+            _index(wh, conn, table)
+        else:
+            _replace_partition(wh, conn, model, columns, select, partition)
+        scope, params = _scope(partition)
         rows, null_keys = conn.execute(
-            sa.text(f"SELECT count(*), count(*) - count({KEY}) FROM {table}")
+            sa.text(f"SELECT count(*), count(*) - count({KEY}) FROM {table} {scope}"), params
         ).one()
         duplicate_keys, duplicate_rows = conn.execute(
             sa.text(
                 f"SELECT count(*), coalesce(sum(n), 0) FROM (SELECT {KEY}, count(*) AS n "
-                f"FROM {table} WHERE {KEY} IS NOT NULL GROUP BY {KEY} HAVING count(*) > 1) AS d"
-            )
+                f"FROM {table} {scope} {'AND' if scope else 'WHERE'} {KEY} IS NOT NULL "
+                f"GROUP BY {KEY} HAVING count(*) > 1) AS d"
+            ),
+            params,
         ).one()
-        if wh.dialect == "postgresql":
-            conn.execute(sa.text(f"CREATE INDEX ON {table} ({KEY})"))
     return SnapshotStats(
         model=model.name,
         rows=int(rows),
@@ -112,16 +115,80 @@ def take_snapshot(wh: Warehouse, model: ModelSpec, config_path: str) -> Snapshot
     )
 
 
-def key_problems(wh: Warehouse, model: str, limit: int = 1000) -> list[tuple[str | None, int]]:
+def _snapshot_select(wh: Warehouse, model: ModelSpec, columns: list[str], config_path: str) -> str:
+    pk = resolve_column(columns, model.primary_key)
+    day = "CAST(NULL AS VARCHAR)"
+    if model.partition is not None:
+        column = resolve_column(columns, model.partition.column)
+        if column is None:
+            raise ConfigError(
+                config_path,
+                f"models.{model.name}.partition.column",
+                f"column {model.partition.column!r} is not in the model",
+            )
+        day = f"CAST(CAST(m.{wh.quote(column)} AS DATE) AS VARCHAR)"
+    return (
+        f"SELECT m.*, CAST(m.{wh.quote(pk)} AS VARCHAR) AS {KEY}, {day} AS {PARTITION} "
+        f"FROM ({wh.model_sql(model)}) AS m"
+    )
+
+
+def _replace_partition(
+    wh: Warehouse, conn: Connection, model: ModelSpec, columns: list[str], select: str, day: str
+) -> None:
+    """Delete and re-insert one day; the filter goes into the model's query, so the warehouse
+    reads only that day."""
+    assert model.partition is not None
+    final = snapshot_table(model.name)
+    table = wh.table(final)
+    expected = [*columns, KEY, PARTITION]
+    existing = (
+        wh.columns_of_query(conn, f"SELECT * FROM {table}")
+        if wh.table_exists(conn, final)
+        else None
+    )
+    if existing != expected:  # new, or the model's columns changed: start the table afresh
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(sa.text(f"CREATE TABLE {table} AS {select} WHERE 1 = 0"))
+        _index(wh, conn, table)
+    start = date.fromisoformat(day)
+    column = wh.quote(resolve_column(columns, model.partition.column) or model.partition.column)
+    conn.execute(sa.text(f"DELETE FROM {table} WHERE {PARTITION} = :day"), {"day": day})
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {table} {select} WHERE m.{column} >= CAST(:start AS TIMESTAMP) "
+            f"AND m.{column} < CAST(:end AS TIMESTAMP)"
+        ),
+        {"start": start.isoformat(), "end": (start + timedelta(days=1)).isoformat()},
+    )
+
+
+def _index(wh: Warehouse, conn: Connection, table: str) -> None:
+    if wh.dialect == "postgresql":  # DuckDB's zone maps serve these scans without one
+        conn.execute(sa.text(f"CREATE INDEX ON {table} ({KEY})"))
+        conn.execute(sa.text(f"CREATE INDEX ON {table} ({PARTITION})"))
+
+
+def _scope(partition: str | None) -> tuple[str, dict[str, Any]]:
+    """A WHERE clause limiting a snapshot query to one partition, when there is one."""
+    if partition is None:
+        return "", {}
+    return f"WHERE {PARTITION} = :partition", {"partition": partition}
+
+
+def key_problems(
+    wh: Warehouse, model: str, partition: str | None = None, limit: int = 1000
+) -> list[tuple[str | None, int]]:
     """Keys that cannot identify a row: (None, n) for NULL keys, (key, n) for duplicates."""
     table = wh.table(snapshot_table(model))
+    scope, params = _scope(partition)
     with wh.engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                f"SELECT {KEY}, count(*) AS n FROM {table} GROUP BY {KEY} "
+                f"SELECT {KEY}, count(*) AS n FROM {table} {scope} GROUP BY {KEY} "
                 f"HAVING {KEY} IS NULL OR count(*) > 1 ORDER BY n DESC, {KEY} LIMIT :limit"
             ),
-            {"limit": limit},
+            {**params, "limit": limit},
         ).all()
     return [(row[0], int(row[1])) for row in rows]
 

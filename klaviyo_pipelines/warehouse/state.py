@@ -36,6 +36,7 @@ class Delivered:
     row_hash: str
     row_json: str | None
     deletion: bool = False
+    partition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def ensure_tables(wh: Warehouse, conn: Connection, sync: str) -> None:
         sa.text(
             f"CREATE TABLE IF NOT EXISTS {wh.table(state_table(sync))} ("
             "row_key VARCHAR NOT NULL, row_hash VARCHAR NOT NULL, row_json VARCHAR, "
-            "delivered_at TIMESTAMP NOT NULL)"
+            "partition_key VARCHAR, recorded_at TIMESTAMP NOT NULL)"
         )
     )
     conn.execute(
@@ -129,21 +130,23 @@ def record_outcomes(
                 wh,
                 conn,
                 "kp_delivered_in",
-                "row_key VARCHAR, row_hash VARCHAR, row_json VARCHAR, deletion BOOLEAN",
+                "row_key VARCHAR, row_hash VARCHAR, row_json VARCHAR, deletion BOOLEAN, "
+                "partition_key VARCHAR",
             )
             wh.bulk_insert(
                 conn,
                 staged,
-                ["row_key", "row_hash", "row_json", "deletion"],
-                ((d.key, d.row_hash, d.row_json, d.deletion) for d in delivered),
+                ["row_key", "row_hash", "row_json", "deletion", "partition_key"],
+                ((d.key, d.row_hash, d.row_json, d.deletion, d.partition) for d in delivered),
             )
             conn.execute(
                 sa.text(f"DELETE FROM {state} WHERE row_key IN (SELECT row_key FROM {staged})")
             )
             conn.execute(
                 sa.text(
-                    f"INSERT INTO {state} (row_key, row_hash, row_json, delivered_at) "
-                    f"SELECT row_key, row_hash, row_json, :stamp FROM {staged} WHERE NOT deletion"
+                    f"INSERT INTO {state} (row_key, row_hash, row_json, partition_key, "
+                    f"recorded_at) SELECT row_key, row_hash, row_json, partition_key, :stamp "
+                    f"FROM {staged} WHERE NOT deletion"
                 ),
                 {"stamp": stamp},
             )
