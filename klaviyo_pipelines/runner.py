@@ -72,6 +72,7 @@ class SyncReport:
     delivered: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     retryable: Counter[str] = field(default_factory=Counter)
+    not_found: Counter[str] = field(default_factory=Counter)  # delivered, nothing to act on
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
@@ -119,6 +120,7 @@ class SyncReport:
             "delivered_by_kind": dict(self.delivered),
             "rejected_by_kind": dict(self.rejected),
             "retryable_by_kind": dict(self.retryable),
+            "not_found_by_kind": dict(self.not_found),
             "not_attempted": self.not_attempted,
             "retries": self.retries,
             "rate_limited": self.rate_limited,
@@ -391,6 +393,8 @@ def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -
         )
     for item in result.unsent:
         report.retryable[item.row.kind.value] += 1
+    for item in result.not_found:
+        report.not_found[item.row.kind.value] += 1
     report.job_ids += result.job_ids
 
 

@@ -45,9 +45,13 @@ class BatchResult:
     unsent: list[Prepared] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     error: KlaviyoError | None = None  # set when the batch could not finish: the run stops
+    # Delivered rows that had nothing to act on in Klaviyo (e.g. no profile has their
+    # identifiers): also in `delivered`, listed so the report can show how many.
+    not_found: list[Prepared] = field(default_factory=list)
 
     def merge(self, other: BatchResult) -> None:
         self.delivered += other.delivered
+        self.not_found += other.not_found
         self.rejected += other.rejected
         self.unsent += other.unsent
         self.job_ids += other.job_ids

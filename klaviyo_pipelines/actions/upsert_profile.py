@@ -20,6 +20,7 @@ from klaviyo_pipelines.actions.base import (
     field_of_pointer,
     pointer_index,
 )
+from klaviyo_pipelines.actions.lists import require_list
 from klaviyo_pipelines.actions.profile import (
     IDENTIFIERS,
     InvalidRow,
@@ -126,19 +127,7 @@ class UpsertProfile(Action):
 
     def preflight(self, client: KlaviyoClient) -> None:
         if self.list_id:
-            try:
-                client.get(f"/api/lists/{self.list_id}")
-            except PermanentError as exc:
-                if exc.status == 404:
-                    raise PermanentError(
-                        method=exc.method,
-                        path=exc.path,
-                        status=404,
-                        errors=exc.errors,
-                        hint=f"List {self.list_id!r} (syncs.{self.sync.name}.settings.list_id) "
-                        "does not exist in this Klaviyo account",
-                    ) from None
-                raise
+            require_list(client, self.list_id, f"syncs.{self.sync.name}.settings.list_id")
 
     def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
         if self.batch_mode:

@@ -20,6 +20,7 @@ def sync_metadata(report: SyncReport) -> dict[str, Any]:
         "klaviyo/delivered": sum(report.delivered.values()),
         "klaviyo/rejected": sum(report.rejected.values()),
         "klaviyo/retryable": sum(report.retryable.values()),
+        "klaviyo/not_found": sum(report.not_found.values()),
         "klaviyo/not_attempted": report.not_attempted,
         "klaviyo/held_invalid": report.held_invalid,
         "klaviyo/acknowledged": report.acknowledged,
