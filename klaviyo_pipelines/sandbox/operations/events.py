@@ -5,7 +5,10 @@ no string over 100 KB, ``time`` after 1990 and at most a year ahead. An event wi
 already seen for the same profile and metric (or, without ``unique_id``, the same time to the
 second) is accepted but kept only once. In a bulk request, a ``unique_id`` repeated for the same
 profile and metric fails the whole request with 400 and nothing is processed. The profile each
-event names is created or updated like ``profile-import`` would.
+event names is created or updated like ``profile-import`` would; unlike a profile write, an event
+may name its profile by ``anonymous_id`` alone, as Segment's Klaviyo integration relies on. The
+sandbox keeps such a profile and joins it to the first identifiers sent with the same
+``anonymous_id`` (a simplification of Klaviyo's own merging).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from klaviyo_pipelines.sandbox.filters import parse_datetime
 from klaviyo_pipelines.sandbox.ids import new_ulid
 from klaviyo_pipelines.sandbox.messages import ApiResponse
 from klaviyo_pipelines.sandbox.operations.common import Ctx, check_profile, writable_attributes
-from klaviyo_pipelines.sandbox.profile_rules import IDENTIFIERS
-from klaviyo_pipelines.sandbox.state import Event, SandboxState, utcnow
+from klaviyo_pipelines.sandbox.profile_rules import IDENTIFIERS, has_identifier
+from klaviyo_pipelines.sandbox.state import SCALAR_FIELDS, Event, Profile, SandboxState, utcnow
 
 MAX_METRIC_NAME = 127
 MAX_PROPERTIES = 400
@@ -45,6 +48,7 @@ class _PlannedProfile:
     attributes: dict[str, Any]
     profile_id: str | None
     meta: dict[str, Any] | None
+    anonymous_id: str | None = None
 
 
 def _long_string(value: Any) -> bool:
@@ -96,15 +100,47 @@ def _plan_event(attrs: dict[str, Any], pointer: str, now: datetime) -> _PlannedE
 
 
 def _plan_profile(state: SandboxState, data: dict[str, Any], pointer: str) -> _PlannedProfile:
-    attrs = writable_attributes(data.get("attributes") or {})
+    raw = data.get("attributes") or {}
+    attrs = writable_attributes(raw)
     profile_id = data.get("id")
-    check_profile(state, attrs, f"{pointer}/attributes", require_identifier=not profile_id)
-    meta = (data.get("attributes") or {}).get("meta") or data.get("meta")
-    return _PlannedProfile(attrs, profile_id, meta)
+    anonymous_id = raw.get("anonymous_id") or None
+    check_profile(
+        state, attrs, f"{pointer}/attributes", require_identifier=not (profile_id or anonymous_id)
+    )
+    meta = raw.get("meta") or data.get("meta")
+    return _PlannedProfile(attrs, profile_id, meta, anonymous_id)
+
+
+def _anonymous_owner(state: SandboxState, anonymous_id: str) -> Profile | None:
+    return next(
+        (p for p in state.profiles.values() if p.attributes.get("anonymous_id") == anonymous_id),
+        None,
+    )
+
+
+def _store_profile(state: SandboxState, profile: _PlannedProfile) -> Profile:
+    """Upsert like ``profile-import``; a profile named only by ``anonymous_id`` is found or
+    created by it, and an anonymous profile takes the first identifiers sent with its id."""
+    anonymous = _anonymous_owner(state, profile.anonymous_id) if profile.anonymous_id else None
+    if profile.profile_id is None and not has_identifier(profile.attributes):
+        if anonymous is None:
+            now = utcnow()
+            attributes: dict[str, Any] = dict.fromkeys(SCALAR_FIELDS)
+            attributes.update(location={}, properties={}, anonymous_id=profile.anonymous_id)
+            anonymous = Profile(new_ulid(), attributes, now, now)
+            state.profiles[anonymous.id] = anonymous
+        return anonymous
+    profile_id = profile.profile_id
+    if profile_id is None and anonymous is not None and state.resolve(profile.attributes) is None:
+        profile_id = anonymous.id
+    stored, _ = state.upsert_profile(profile.attributes, profile_id, profile.meta)
+    if profile.anonymous_id:
+        stored.attributes.setdefault("anonymous_id", profile.anonymous_id)
+    return stored
 
 
 def _record(state: SandboxState, profile: _PlannedProfile, events: list[_PlannedEvent]) -> None:
-    stored, _ = state.upsert_profile(profile.attributes, profile.profile_id, profile.meta)
+    stored = _store_profile(state, profile)
     for planned in events:
         state.record_event(
             Event(
@@ -144,6 +180,9 @@ def _profile_key(state: SandboxState, profile: _PlannedProfile, pointer: str) ->
         value = profile.attributes.get(name)
         if value:
             return f"new:{name}:{value.lower() if name == 'email' else value}"
+    if profile.anonymous_id:
+        anonymous = _anonymous_owner(state, profile.anonymous_id)
+        return anonymous.id if anonymous else f"new:anonymous_id:{profile.anonymous_id}"
     return f"new:{id(profile)}"
 
 
