@@ -326,20 +326,27 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _sandbox(args: argparse.Namespace) -> int:
+    from klaviyo_pipelines.demo import seed_sandbox
     from klaviyo_pipelines.sandbox.server import run_forever
 
-    console.print(f"Klaviyo sandbox on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    run_forever("127.0.0.1", args.port, args.api_key, args.time_scale)
+    run_forever("127.0.0.1", args.port, args.api_key, args.time_scale, setup=seed_sandbox)
     return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from klaviyo_pipelines.demo import change_some_customers, create_demo_warehouse
+    from klaviyo_pipelines.demo import (
+        DEMO_LIST_ID,
+        create_demo_warehouse,
+        demo_days,
+        seed_sandbox,
+        simulate_a_day,
+    )
     from klaviyo_pipelines.sandbox import Sandbox
 
     if args.config:
         os.environ["KLAVIYO_PIPELINES_CONFIG"] = args.config
     with Sandbox(api_key=DEMO_API_KEY, port=_free_port(args.port)) as sandbox:
+        seed_sandbox(sandbox)
         os.environ["KLAVIYO_API_KEY"] = DEMO_API_KEY
         os.environ["KLAVIYO_BASE_URL"] = sandbox.url
         config = load_config(args.config)
@@ -347,24 +354,33 @@ def _demo(args: argparse.Namespace) -> int:
             config.warehouse.url, config.warehouse.state_schema, args.customers
         )
         console.print(
-            f"Demo warehouse: {rows} customers in {config.warehouse.url} "
-            f"(about 1% broken on purpose); Klaviyo sandbox at {sandbox.url}"
+            f"Demo warehouse: {rows} customers, newsletter opt-ins, product views and "
+            f"{len(demo_days())} days of orders in {config.warehouse.url} (about 1% of customers "
+            f"broken on purpose); Klaviyo sandbox at {sandbox.url}"
         )
         names = list(config.syncs)
         _check(config, names)
-        console.rule("First sync: every row is new")
-        _print_reports(args, _run_syncs(config, names))
-        changed = change_some_customers(config.warehouse.url)
-        console.rule(f"{changed} customers changed in the warehouse: only they are sent")
-        _print_reports(args, _run_syncs(config, names))
+        console.rule("First sync: every row is new (orders backfilled day by day)")
+        first = _run_syncs(config, names, partitions=demo_days())
+        _print_reports(args, first)
+        changes = simulate_a_day(config.warehouse.url)
+        console.rule("A day of business later: only the changes travel")
+        console.print(", ".join(f"{n} {what}" for what, n in changes.items()))
+        second = _run_syncs(config, names)
+        _print_reports(args, second)
+        state = sandbox.state
         console.print(
-            f"\nThe sandbox now holds [bold]{len(sandbox.state.profiles)}[/bold] Klaviyo profiles."
+            f"\nThe sandbox now holds [bold]{len(state.profiles)}[/bold] profiles, "
+            f"[bold]{len(state.list_members(DEMO_LIST_ID))}[/bold] members of the VIP list, "
+            f"[bold]{len(state.events)}[/bold] events and consent for "
+            f"[bold]{len(state.subscriptions)}[/bold] profiles."
         )
     console.print(
         "Next: [bold]make ui[/bold] opens the Dagster UI on these assets "
-        "(it starts the sandbox too); `klaviyo-pipelines status` shows the ledger."
+        "(with a fresh sandbox); `klaviyo-pipelines status` shows each sync's ledger."
     )
-    return EXIT_OK
+    reports = [*first.values(), *second.values()]
+    return EXIT_OK if all(r["status"] == "success" for r in reports) else EXIT_FAILED
 
 
 def _free_port(preferred: int) -> int:

@@ -30,16 +30,22 @@ def demo_config(url: str, sandbox: Sandbox):
 
 
 def test_definitions_have_snapshot_and_sync_assets_checks_and_schedule(duckdb_url, sandbox) -> None:
-    defs = build_definitions(demo_config(duckdb_url, sandbox))
+    config = demo_config(duckdb_url, sandbox)
+    defs = build_definitions(config)
     graph = defs.resolve_asset_graph()
     assert set(graph.get_all_asset_keys()) == {
-        snapshot_key("customers"),
-        sync_key("customers_to_klaviyo"),
+        *(snapshot_key(m) for m in config.models),
+        *(sync_key(s) for s in config.syncs),
     }
     assert graph.get(sync_key("customers_to_klaviyo")).parent_keys == {snapshot_key("customers")}
+    assert graph.get(sync_key("orders_to_klaviyo")).parent_keys == {
+        snapshot_key("orders"),
+        snapshot_key("order_items"),  # line items are joined from their own snapshot
+    }
+    assert graph.get(sync_key("orders_to_klaviyo")).partitions_def is not None
     schedule = defs.resolve_schedule_def("customers_to_klaviyo_schedule")
     assert schedule.cron_schedule == "0 * * * *"
-    assert len(list(graph.asset_check_keys)) == 2
+    assert len(list(graph.asset_check_keys)) == len(config.models) + len(config.syncs)
 
 
 def test_materialize_records_metadata_and_checks_and_never_the_key(

@@ -33,7 +33,10 @@ def partitions_of(model: ModelSpec) -> dg.DailyPartitionsDefinition | None:
 
 
 def partition_of(context: dg.AssetExecutionContext) -> str | None:
-    return context.partition_key if context.has_partition_key else None
+    """The day this asset materializes; None for an unpartitioned asset, even when it runs
+    in a partitioned run (line items joined to a day of orders)."""
+    partitioned = context.assets_def.partitions_def is not None
+    return context.partition_key if partitioned and context.has_partition_key else None
 
 
 class SyncRunConfig(dg.Config):

@@ -17,7 +17,7 @@ from klaviyo_pipelines.definitions import build_assets, build_resources, sync_se
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.state import run_report
 
-SUMMED = ("added", "updated", "deleted", "delivered", "rejected", "requests")
+SUMMED = ("added", "updated", "deleted", "delivered", "rejected", "requests", "duration_seconds")
 
 
 def materialize_syncs(

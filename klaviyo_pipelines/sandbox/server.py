@@ -396,11 +396,16 @@ def run_forever(
     port: int = 0,
     api_key: str = "pk_sandbox_test",
     time_scale: float = 1.0,
+    setup: Callable[[Sandbox], None] | None = None,
     **options: Any,
 ) -> None:
-    """Serve until interrupted (the ``klaviyo-pipelines sandbox`` command). Prints the URL only."""
+    """Serve until interrupted (the ``klaviyo-pipelines sandbox`` command). Prints the URL only.
+
+    `setup` prepares the account once started (the demo creates its list there)."""
     sandbox = Sandbox(api_key=api_key, host=host, port=port, time_scale=time_scale, **options)
     sandbox.start()
+    if setup is not None:
+        setup(sandbox)
     print(
         f"Klaviyo sandbox listening on {sandbox.url} (time scale {time_scale:g}); Ctrl+C stops it."
     )

@@ -374,11 +374,15 @@ class SandboxState:
             raise not_found(f"A list with id {list_id} does not exist.")
         return klist
 
-    def create_list(self, name: str, opt_in_process: str | None = None) -> KList:
+    def create_list(
+        self, name: str, opt_in_process: str | None = None, list_id: str | None = None
+    ) -> KList:
+        """A new list; `list_id` fixes its id (the demo's list must be known in advance)."""
         with self.lock:
-            list_id = new_list_id()
-            while list_id in self.lists:
+            if list_id is None:
                 list_id = new_list_id()
+                while list_id in self.lists:
+                    list_id = new_list_id()
             now = utcnow()
             klist = KList(list_id, name, opt_in_process or "single_opt_in", now, now)
             self.lists[list_id] = klist
