@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from klaviyo_pipelines.actions.registry import ChangeKind
 from klaviyo_pipelines.config import SyncSpec
 from klaviyo_pipelines.warehouse.engine import Warehouse
-from klaviyo_pipelines.warehouse.snapshot import KEY, PARTITION, snapshot_table
+from klaviyo_pipelines.warehouse.snapshot import KEY, PARTITION, bad_keys_table, snapshot_table
 from klaviyo_pipelines.warehouse.state import (
     LEDGER,
     FailureKind,
@@ -86,6 +86,7 @@ def compute_change_set(
     row that may later leave it.
     """
     snap, state = wh.table(snapshot_table(sync.model)), wh.table(state_table(sync.name))
+    bad = wh.table(bad_keys_table(sync.model))
     ledger, table = wh.table(LEDGER), wh.table(changes_table(sync.name, partition))
     selected_kinds = ", ".join(f"'{kind.value}'" for kind in sync.on)  # enum values, not input
     held = (
@@ -101,6 +102,8 @@ def compute_change_set(
     model_columns = ", ".join(f"s.{wh.quote(c)}" for c in columns)
     params = {"fingerprint": fingerprint, "sync": sync.name, "partition": partition}
     with wh.engine.begin() as conn:
+        if wh.dialect == "postgresql":  # fresh tables fool the estimates into costly JIT
+            conn.execute(sa.text("SET LOCAL jit = off"))
         ensure_tables(wh, conn, sync.name)
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
         conn.execute(
@@ -111,9 +114,8 @@ def compute_change_set(
                     SELECT s.*, md5({row_hash_sql(wh, columns, "s")} || :fingerprint)
                         AS kp_sync_hash
                     FROM {snap} AS s
-                    WHERE {in_snapshot} s.{KEY} IS NOT NULL AND s.{KEY} NOT IN (
-                        SELECT {KEY} FROM {snap} WHERE {KEY} IS NOT NULL
-                        GROUP BY {KEY} HAVING count(*) > 1)
+                    WHERE {in_snapshot} s.{KEY} IS NOT NULL AND NOT EXISTS (
+                        SELECT 1 FROM {bad} AS b WHERE b.{KEY} = s.{KEY})
                 ),
                 diff AS (
                     SELECT s.{KEY} AS k, s.kp_sync_hash AS h, s.{PARTITION} AS p,
@@ -139,7 +141,8 @@ def compute_change_set(
                     f.h AS _kp_hash, f.k AS {KEY}, f.p AS {PARTITION},
                     st.row_json AS _kp_row_json, {model_columns}
                 FROM flagged AS f
-                LEFT JOIN snap AS s ON s.{KEY} = f.k AND f.kind <> 'deleted'
+                LEFT JOIN {snap} AS s ON s.{KEY} = f.k AND f.kind <> 'deleted'
+                    {"AND s." + PARTITION + " = :partition" if partition else ""}
                 LEFT JOIN {state} AS st ON st.row_key = f.k AND f.kind = 'deleted'
                 """
             ),

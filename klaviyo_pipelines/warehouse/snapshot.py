@@ -40,6 +40,10 @@ def snapshot_table(model: str) -> str:
     return f"snapshot__{model}"
 
 
+def bad_keys_table(model: str) -> str:
+    return f"snapshot__{model}__bad_keys"
+
+
 def resolve_column(columns: list[str] | tuple[str, ...], wanted: str) -> str | None:
     """The model column a config name refers to: exact first, then ignoring case."""
     if wanted in columns:
@@ -89,28 +93,26 @@ def take_snapshot(
             conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"))
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
             conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
-            _index(wh, conn, table)
+            _index(wh, conn, table, model.partition is not None)
         else:
             _replace_partition(wh, conn, model, columns, select, partition)
+        _record_bad_keys(wh, conn, model.name, partition)
         scope, params = _scope(partition)
-        rows, null_keys = conn.execute(
-            sa.text(f"SELECT count(*), count(*) - count({KEY}) FROM {table} {scope}"), params
-        ).one()
-        duplicate_keys, duplicate_rows = conn.execute(
-            sa.text(
-                f"SELECT count(*), coalesce(sum(n), 0) FROM (SELECT {KEY}, count(*) AS n "
-                f"FROM {table} {scope} {'AND' if scope else 'WHERE'} {KEY} IS NOT NULL "
-                f"GROUP BY {KEY} HAVING count(*) > 1) AS d"
-            ),
+        rows = conn.execute(sa.text(f"SELECT count(*) FROM {table} {scope}"), params).scalar()
+        bad = conn.execute(
+            sa.text(f"SELECT {KEY}, n FROM {wh.table(bad_keys_table(model.name))} {scope}"),
             params,
-        ).one()
+        ).all()
+    null_keys = sum(int(n) for key, n in bad if key is None)
+    duplicate_keys = sum(1 for key, _ in bad if key is not None)
+    duplicate_rows = sum(int(n) for key, n in bad if key is not None)
     return SnapshotStats(
         model=model.name,
         rows=int(rows),
         columns=tuple(columns),
-        null_keys=int(null_keys),
-        duplicate_keys=int(duplicate_keys),
-        duplicate_rows=int(duplicate_rows),
+        null_keys=null_keys,
+        duplicate_keys=duplicate_keys,
+        duplicate_rows=duplicate_rows,
         seconds=time.monotonic() - started,
     )
 
@@ -150,7 +152,7 @@ def _replace_partition(
     if existing != expected:  # new, or the model's columns changed: start the table afresh
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
         conn.execute(sa.text(f"CREATE TABLE {table} AS {select} WHERE 1 = 0"))
-        _index(wh, conn, table)
+        _index(wh, conn, table, partitioned=True)
     start = date.fromisoformat(day)
     column = wh.quote(resolve_column(columns, model.partition.column) or model.partition.column)
     conn.execute(sa.text(f"DELETE FROM {table} WHERE {PARTITION} = :day"), {"day": day})
@@ -163,10 +165,29 @@ def _replace_partition(
     )
 
 
-def _index(wh: Warehouse, conn: Connection, table: str) -> None:
+def _record_bad_keys(wh: Warehouse, conn: Connection, model: str, partition: str | None) -> None:
+    """Find NULL and duplicated keys once per snapshot, into a small table that the snapshot
+    check, the ledger and every sync's change set then read instead of re-counting."""
+    table, bad = wh.table(snapshot_table(model)), wh.table(bad_keys_table(model))
+    scope, params = _scope(partition)
+    conn.execute(
+        sa.text(f"CREATE TABLE IF NOT EXISTS {bad} ({KEY} VARCHAR, n BIGINT, {PARTITION} VARCHAR)")
+    )
+    conn.execute(sa.text(f"DELETE FROM {bad} {scope}"), params)
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {bad} SELECT {KEY}, count(*), max({PARTITION}) FROM {table} {scope} "
+            f"GROUP BY {KEY} HAVING {KEY} IS NULL OR count(*) > 1"
+        ),
+        params,
+    )
+
+
+def _index(wh: Warehouse, conn: Connection, table: str, partitioned: bool) -> None:
     if wh.dialect == "postgresql":  # DuckDB's zone maps serve these scans without one
         conn.execute(sa.text(f"CREATE INDEX ON {table} ({KEY})"))
-        conn.execute(sa.text(f"CREATE INDEX ON {table} ({PARTITION})"))
+        if partitioned:
+            conn.execute(sa.text(f"CREATE INDEX ON {table} ({PARTITION})"))
 
 
 def _scope(partition: str | None) -> tuple[str, dict[str, Any]]:
@@ -180,13 +201,12 @@ def key_problems(
     wh: Warehouse, model: str, partition: str | None = None, limit: int = 1000
 ) -> list[tuple[str | None, int]]:
     """Keys that cannot identify a row: (None, n) for NULL keys, (key, n) for duplicates."""
-    table = wh.table(snapshot_table(model))
     scope, params = _scope(partition)
     with wh.engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                f"SELECT {KEY}, count(*) AS n FROM {table} {scope} GROUP BY {KEY} "
-                f"HAVING {KEY} IS NULL OR count(*) > 1 ORDER BY n DESC, {KEY} LIMIT :limit"
+                f"SELECT {KEY}, n FROM {wh.table(bad_keys_table(model))} {scope} "
+                f"ORDER BY n DESC, {KEY} LIMIT :limit"
             ),
             {**params, "limit": limit},
         ).all()
