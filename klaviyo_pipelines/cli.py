@@ -124,6 +124,7 @@ def _warehouse(config: Config) -> Warehouse:
 
 def _plan(args: argparse.Namespace) -> int:
     from klaviyo_pipelines.runner import plan_sync
+    from klaviyo_pipelines.warehouse.lock import SyncLocked
     from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 
     config = load_config(args.config)
@@ -146,6 +147,9 @@ def _plan(args: argparse.Namespace) -> int:
             )
             for n in names
         }
+    except SyncLocked as exc:  # a plan would rewrite the change set the running sync reads
+        _error(args, str(exc))
+        return EXIT_FAILED
     finally:
         wh.dispose()
     if args.output == "json":

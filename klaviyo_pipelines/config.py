@@ -26,6 +26,8 @@ DEMO_CONFIG = "demo_config.yaml"
 KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 DEFAULT_REVISION = "2026-07-15"
 
+AUDIENCE_ACTIONS = frozenset({"add_profile_to_list", "remove_profile_from_list"})
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _WHOLE_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}$")
@@ -83,12 +85,39 @@ class PartitionSpec:
 
 
 @dataclass(frozen=True)
+class AudienceSpec:
+    """An audience model: one Dagster partition per audience, the primary key naming a member.
+
+    Two shapes: a membership table (a row per audience and member), or an event log of
+    entered/exited rows (`event` and `timestamp` set), where each member's latest event wins.
+    """
+
+    column: str  # the audience key: one partition, and one Klaviyo list, per value
+    event: str | None = None
+    timestamp: str | None = None
+    entered: str = "Audience Entered"
+    exited: str = "Audience Exited"
+    interval_seconds: int = 60  # how often the sensor looks for membership changes
+    max_per_tick: int = 50  # audiences one sensor tick examines
+
+    @property
+    def is_event_log(self) -> bool:
+        return self.event is not None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     primary_key: str
     sql: str | None = None
     table: str | None = None
     partition: PartitionSpec | None = None
+    audience: AudienceSpec | None = None
+
+    @property
+    def partitioned(self) -> bool:
+        """Snapshots, change sets and state are kept per partition (a day or an audience)."""
+        return self.partition is not None or self.audience is not None
 
 
 @dataclass(frozen=True)
@@ -275,7 +304,13 @@ def _number(
 def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
     key = f"models.{name}"
     _identifier(name, path, key)
-    _no_unknown(raw, {"sql", "table", "primary_key", "partition"}, path, f"{key}.")
+    _no_unknown(raw, {"sql", "table", "primary_key", "partition", "audience"}, path, f"{key}.")
+    if "partition" in raw and "audience" in raw:
+        raise ConfigError(
+            path,
+            key,
+            "give 'partition' (days) or 'audience' (one partition per audience), not both",
+        )
     if ("sql" in raw) == ("table" in raw):
         raise ConfigError(path, key, "give exactly one of 'sql' or 'table'")
     if not raw.get("primary_key"):
@@ -292,6 +327,43 @@ def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
         sql=_string(raw, "sql", path, f"{key}.sql") if "sql" in raw else None,
         table=table,
         partition=_parse_partition(raw.get("partition"), path, f"{key}.partition"),
+        audience=_parse_audience(raw.get("audience"), path, f"{key}.audience"),
+    )
+
+
+def _parse_audience(raw: Any, path: str, key: str) -> AudienceSpec | None:
+    if raw is None:
+        return None
+    raw = _mapping(raw, path, key)
+    known = {
+        "column",
+        "event",
+        "timestamp",
+        "entered",
+        "exited",
+        "interval_seconds",
+        "max_per_tick",
+    }
+    _no_unknown(raw, known, path, f"{key}.")
+    if ("event" in raw) != ("timestamp" in raw):
+        raise ConfigError(
+            path,
+            key,
+            "an event-log audience needs both 'event' (the column holding Audience Entered / "
+            "Audience Exited) and 'timestamp' (when it happened); a membership table needs neither",
+        )
+    optional = {
+        name: _string(raw, name, path, f"{key}.{name}")
+        for name in ("event", "timestamp", "entered", "exited")
+        if name in raw
+    }
+    if optional.get("entered", "Audience Entered") == optional.get("exited", "Audience Exited"):
+        raise ConfigError(path, f"{key}.exited", "must differ from 'entered'")
+    return AudienceSpec(
+        column=_string(raw, "column", path, f"{key}.column"),
+        interval_seconds=int(_number(raw, "interval_seconds", path, f"{key}.", 60, minimum=1)),
+        max_per_tick=int(_number(raw, "max_per_tick", path, f"{key}.", 50, minimum=1)),
+        **optional,
     )
 
 
@@ -356,6 +428,20 @@ def _parse_sync(
     if not isinstance(settings, dict):
         raise ConfigError(path, f"{key}.settings", "must be a mapping")
     schedule = raw.get("schedule")
+    if schedule is not None and models[model].audience is not None:
+        raise ConfigError(
+            path,
+            f"{key}.schedule",
+            f"model {model!r} is an audience model: its syncs run when the audience sensor sees "
+            "a membership change, not on a schedule",
+        )
+    if info.name in AUDIENCE_ACTIONS and models[model].audience is None:
+        raise ConfigError(
+            path,
+            f"{key}.model",
+            f"{info.title} syncs an audience: model {model!r} needs an 'audience' block "
+            "(see docs/engage.md)",
+        )
     if schedule is not None:
         schedule = _string(raw, "schedule", path, f"{key}.schedule")
         if len(schedule.split()) != 5:

@@ -16,6 +16,7 @@ from klaviyo_pipelines.dagster_defs.assets import (
     snapshot_key,
     sync_key,
 )
+from klaviyo_pipelines.dagster_defs.audience_sensor import audience_syncs, build_audience_sensor
 from klaviyo_pipelines.dagster_defs.resources import KlaviyoApiResource, WarehouseResource
 
 
@@ -79,8 +80,16 @@ def build_schedule(config: Config, sync: SyncSpec) -> dg.ScheduleDefinition:
 
 def build_definitions(config: Config) -> dg.Definitions:
     schedules = [build_schedule(config, s) for s in config.syncs.values() if s.schedule]
+    sensors = [
+        build_audience_sensor(config, m)
+        for m in config.models.values()
+        if m.audience is not None and audience_syncs(config, m)
+    ]
     return dg.Definitions(
-        assets=build_assets(config), schedules=schedules, resources=build_resources(config)
+        assets=build_assets(config),
+        schedules=schedules,
+        sensors=sensors,
+        resources=build_resources(config),
     )
 
 

@@ -93,6 +93,13 @@ TABLES: dict[str, dict[str, str]] = {
         "total": "DECIMAL(10, 2)",
         "item_count": "INTEGER",
     },
+    "audience_events": {  # Segment Engage's warehouse shape: one row per entry or exit
+        "audience_key": "VARCHAR",
+        "user_id": "VARCHAR",
+        "email": "VARCHAR",
+        "event": "VARCHAR",
+        "received_at": "TIMESTAMP",
+    },
     "order_items": {
         "line_id": "VARCHAR",
         "order_id": "VARCHAR",
@@ -184,6 +191,21 @@ def order_rows(
     return orders, items
 
 
+def audience_event_rows(customers: Sequence[tuple], rng: random.Random) -> list[tuple]:
+    """Engage's "cart_abandoners" audience: about 8% of customers entered, a third of them
+    left again later (the latest event per member decides)."""
+    good = [c for c in customers if c[0] and "@example.com" in c[1]]
+    start = datetime(2026, 1, 1)
+    rows = []
+    for c in rng.sample(good, max(4, len(good) // 12)):
+        entered = start + timedelta(minutes=rng.randint(0, 60 * 24 * 300))
+        rows.append(("cart_abandoners", c[0], c[1], "Audience Entered", entered))
+        if rng.random() < 0.33:
+            left = entered + timedelta(hours=rng.randint(1, 72))
+            rows.append(("cart_abandoners", c[0], c[1], "Audience Exited", left))
+    return rows
+
+
 def demo_days(today: date | None = None) -> list[str]:
     """The days of demo orders, oldest first: a week up to today (UTC)."""
     today = today or datetime.now(UTC).date()
@@ -207,6 +229,7 @@ def create_demo_warehouse(url: str, state_schema: str, customers: int = 5000) ->
         "product_views": view_rows(people, rng, today, max(10, customers // 3)),
         "orders": orders,
         "order_items": items,
+        "audience_events": audience_event_rows(people, rng),
     }
     wh = Warehouse(url, state_schema)
     try:
@@ -266,6 +289,10 @@ def simulate_a_day(url: str) -> dict[str, Any]:
             items = [(f"{i[0]}-late", f"{i[1]}-late", *i[2:]) for i in items]
             wh.bulk_insert(conn, "analytics.orders", list(TABLES["orders"]), orders)
             wh.bulk_insert(conn, "analytics.order_items", list(TABLES["order_items"]), items)
+            abandoners = _audience_moves(conn, rng)
+            wh.bulk_insert(
+                conn, "analytics.audience_events", list(TABLES["audience_events"]), abandoners
+            )
     finally:
         wh.dispose()
     return {
@@ -274,7 +301,32 @@ def simulate_a_day(url: str) -> dict[str, Any]:
         "newsletter unsubscribes": unsubscribed,
         "new product views": len(views),
         "new orders today": len(orders),
+        "cart abandoners entering or leaving": len(abandoners),
     }
+
+
+def _audience_moves(conn: Connection, rng: random.Random) -> list[tuple]:
+    """A day of Engage: a few customers abandon a cart, a few current abandoners buy."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    current = conn.execute(
+        sa.text(
+            "SELECT user_id, email FROM analytics.audience_events e WHERE event = "
+            "'Audience Entered' AND NOT EXISTS (SELECT 1 FROM analytics.audience_events x "
+            "WHERE x.user_id = e.user_id AND x.received_at > e.received_at) ORDER BY user_id"
+        )
+    ).all()
+    others = conn.execute(
+        sa.text(
+            "SELECT customer_id, email FROM analytics.customers WHERE email LIKE '%@example.com' "
+            "AND customer_id NOT IN (SELECT user_id FROM analytics.audience_events) "
+            "ORDER BY customer_id LIMIT 200"
+        )
+    ).all()
+    leaving = rng.sample(current, min(3, len(current)))
+    entering = rng.sample(others, min(5, len(others)))
+    return [("cart_abandoners", u, e, "Audience Exited", now) for u, e in leaving] + [
+        ("cart_abandoners", u, e, "Audience Entered", now) for u, e in entering
+    ]
 
 
 def seed_sandbox(sandbox: Any) -> None:

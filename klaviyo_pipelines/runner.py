@@ -34,6 +34,7 @@ from klaviyo_pipelines.klaviyo.errors import (
 )
 from klaviyo_pipelines.warehouse.changes import ChangeSet, compute_change_set, iter_changes
 from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.lock import sync_lock
 from klaviyo_pipelines.warehouse.snapshot import key_problems, model_columns
 from klaviyo_pipelines.warehouse.state import (
     Delivered,
@@ -134,6 +135,8 @@ class SyncReport:
     def fail(self, error: KlaviyoError) -> None:
         self.status, self.error = "failed", str(error)
         self.error_is_transient = isinstance(error, TransientError)
+        if self.error_is_transient:
+            self.error += "; rows Klaviyo did not confirm are kept and the next run sends them"
 
     def sample(self, key: str, kind: str, field: str | None, reason: str) -> None:
         if len(self.samples) < MAX_SAMPLES:
@@ -204,30 +207,39 @@ def run_sync(
     retry_rejected: bool = False,
     partition: str | None = None,
     on_batch: BatchCallback | None = None,
+    override_exit_guard: bool = False,
 ) -> SyncReport:
     """Deliver the sync's change set. Klaviyo failures end as a failed report, never a raise;
     a config problem raises ConfigError before anything is sent."""
     sync = config.syncs[sync_name]
     report = SyncReport(sync=sync.name, action=sync.action, model=sync.model)
-    started, clock = now(), time.monotonic()
-    before = client.stats
-    prepared = prepare_sync(config, sync_name, wh, report, retry_rejected, partition)
-    try:
-        if prepared.changes.to_send:
-            prepared.action.preflight(client)
-        _deliver_all(prepared, wh, client, report, on_batch)
-        if not report.error:
-            report.status = "success"
-    except KlaviyoError as exc:
-        report.fail(exc)
-    finally:
-        after = client.stats
-        report.requests = after.requests - before.requests
-        report.retries = after.retries - before.retries
-        report.rate_limited = after.rate_limited - before.rate_limited
-        report.waited_seconds = after.waited_seconds - before.waited_seconds
-        report.duration_seconds = time.monotonic() - clock
-    record_run(wh, run_id, sync.name, started, report.status, report.to_dict())
+    with sync_lock(wh, sync.name, partition):  # SyncLocked: this sync (partition) runs already
+        started, clock = now(), time.monotonic()
+        before = client.stats
+        prepared = prepare_sync(config, sync_name, wh, report, retry_rejected, partition)
+        try:
+            if prepared.changes.to_send:
+                prepared.action.before_send(
+                    wh,
+                    client,
+                    prepared.changes,
+                    partition,
+                    override_exit_guard=override_exit_guard,
+                )
+                prepared.action.preflight(client)
+            _deliver_all(prepared, wh, client, report, on_batch)
+            if not report.error:
+                report.status = "success"
+        except KlaviyoError as exc:
+            report.fail(exc)
+        finally:
+            after = client.stats
+            report.requests = after.requests - before.requests
+            report.retries = after.retries - before.retries
+            report.rate_limited = after.rate_limited - before.rate_limited
+            report.waited_seconds = after.waited_seconds - before.waited_seconds
+            report.duration_seconds = time.monotonic() - clock
+        record_run(wh, run_id, sync.name, started, report.status, report.to_dict())
     return report
 
 
@@ -243,23 +255,24 @@ def plan_sync(
     """The change set and the first few request payloads, without sending anything."""
     sync = config.syncs[sync_name]
     report = SyncReport(sync=sync.name, action=sync.action, model=sync.model, status="planned")
-    prepared = prepare_sync(
-        config, sync_name, wh, report, retry_rejected, partition, acknowledge=False
-    )
-    pages = iter_changes(
-        wh, sync.name, prepared.columns, page_size=max(samples, 100), partition=partition
-    )
-    for page in pages:
-        for row in prepared.action.enrich(wh, page):
-            try:
-                item = prepared.action.prepare(row)
-            except InvalidRow as exc:
-                report.sample(row.key, row.kind.value, exc.field, exc.reason)
-                continue
-            if len(report.payload_samples) < samples:
-                body = prepared.action.request_body([item])
-                report.payload_samples.append(json.loads(body))
-        break
+    with sync_lock(wh, sync.name, partition):  # the plan rewrites the change set a run reads
+        prepared = prepare_sync(
+            config, sync_name, wh, report, retry_rejected, partition, acknowledge=False
+        )
+        pages = iter_changes(
+            wh, sync.name, prepared.columns, page_size=max(samples, 100), partition=partition
+        )
+        for page in pages:
+            for row in prepared.action.enrich(wh, page):
+                try:
+                    item = prepared.action.prepare(row)
+                except InvalidRow as exc:
+                    report.sample(row.key, row.kind.value, exc.field, exc.reason)
+                    continue
+                if len(report.payload_samples) < samples:
+                    body = prepared.action.request_body([item])
+                    report.payload_samples.append(json.loads(body))
+            break
     return report
 
 
@@ -403,11 +416,13 @@ def _record_key_problems(
 ) -> int:
     """Put NULL and duplicate primary keys in the ledger (replacing last run's); return rows."""
     problems = key_problems(wh, model.name, partition)
-    forget_failures(wh, sync.name, KEY_PROBLEM_HASH)
+    # One marker per partition: a day's run replaces that day's key problems, not others'.
+    marker = KEY_PROBLEM_HASH if partition is None else f"{KEY_PROBLEM_HASH}:{partition}"
+    forget_failures(wh, sync.name, marker)
     failures = [
         Failure(
             NULL_KEY if key is None else key,
-            KEY_PROBLEM_HASH,
+            marker,
             FailureKind.INVALID,
             model.primary_key,
             f"{count} rows of model {model.name!r} have a NULL {model.primary_key}; they are not sent"

@@ -112,6 +112,10 @@ def test_the_demo_runs_every_action_end_to_end(tmp_path, monkeypatch, capsys) ->
         "newsletter_unsubscribe",
         "product_views_to_klaviyo",
         "orders_to_klaviyo",
+        "audiences_join",
+        "audiences_leave",
+        "abandoners_join",
+        "abandoners_leave",
     ):
         assert sync in out
     assert "failed" not in out

@@ -111,11 +111,23 @@ def test_config_errors_name_the_place(change: tuple[str, str], key: str, words: 
     assert error.path == "conf.yaml"
 
 
-def test_an_action_without_a_module_yet_is_recognised_but_refused() -> None:
+def test_an_action_without_a_module_yet_is_recognised_but_refused(monkeypatch) -> None:
+    from klaviyo_pipelines.actions.registry import ACTIONS, ActionInfo
+
+    monkeypatch.setitem(
+        ACTIONS, "sync_list", ActionInfo("sync_list", "Sync List", frozenset({ChangeKind.ADDED}))
+    )
+    text = BASE.replace("upsert_profile", "sync_list").replace("[added, updated]", "[added]")
+    assert "not available" in error_of(text).reason
+
+
+def test_engage_actions_need_an_audience_model() -> None:
     text = BASE.replace("upsert_profile", "add_profile_to_list").replace(
         "[added, updated]", "[added]"
     )
-    assert "not available" in error_of(text).reason
+    error = error_of(text)
+    assert error.key == "syncs.customers_to_klaviyo.model"
+    assert "needs an 'audience' block" in error.reason
 
 
 def test_bad_yaml_names_the_line() -> None:

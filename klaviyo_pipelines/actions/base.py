@@ -16,7 +16,7 @@ from klaviyo_pipelines.config import SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
 from klaviyo_pipelines.klaviyo.errors import KlaviyoError
-from klaviyo_pipelines.warehouse.changes import ChangeRow
+from klaviyo_pipelines.warehouse.changes import ChangeRow, ChangeSet
 from klaviyo_pipelines.warehouse.engine import Warehouse
 
 
@@ -98,6 +98,19 @@ class Action(ABC):
 
     def preflight(self, client: KlaviyoClient) -> None:  # noqa: B027 - optional hook
         """Checks to run once before the first batch (e.g. that a configured list exists)."""
+
+    def before_send(  # noqa: B027 - optional hook
+        self,
+        wh: Warehouse,
+        client: KlaviyoClient,
+        changes: ChangeSet,
+        partition: str | None,
+        *,
+        override_exit_guard: bool = False,
+    ) -> None:
+        """Once a run has rows to send, before the first batch: resolve what depends on the
+        partition (an audience's list), or refuse a change set that looks like an accident by
+        raising a KlaviyoError, which fails the run with its message and sends nothing."""
 
     def enrich(self, wh: Warehouse, rows: list[ChangeRow]) -> list[ChangeRow]:
         """Add what a page of rows needs from other models (e.g. an order's line items)."""

@@ -201,7 +201,10 @@ def parse_products(raw: Any) -> list[dict[str, Any]]:
 
 def _json_text(value: Any, field: str) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
-        value = bytes(value).decode()
+        try:
+            value = bytes(value).decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidRow(field, f"is bytes that are not UTF-8 JSON text: {exc}") from None
     if not isinstance(value, str):
         return value
     if not value.strip():

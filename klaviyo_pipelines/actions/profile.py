@@ -7,6 +7,7 @@ is rejected on its own and the rest of its batch still goes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,12 +35,14 @@ LOCATION_FIELDS = (
 )
 MAX_EXTERNAL_ID = 255
 
-# Deliberately strict: one @, a dotted domain, a TLD of 2+ letters (Klaviyo refuses `a@b.c`).
+# Deliberately strict: one @, a dotted domain, a TLD of 2+ letters (Klaviyo refuses `a@b.c`),
+# and no dot leading, trailing or doubled in the local part (Klaviyo refuses `a.@b.co`).
 _EMAIL = re.compile(
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.[A-Za-z]{2,63}$"
 )
+MAX_EMAIL = 254
 
 
 class InvalidRow(ValueError):
@@ -168,7 +171,7 @@ def resolve_profile_mapping(
 
 def normalise_email(value: Any) -> str:
     text = str(value).strip()
-    if not _EMAIL.match(text):
+    if len(text) > MAX_EMAIL or not _EMAIL.match(text):
         raise InvalidRow("email", f"{text!r} is not a valid email address")
     return text
 
@@ -192,7 +195,8 @@ def profile_attributes(mapping: ProfileMapping, values: Mapping[str, Any]) -> di
     clear = mapping.clear_nulls
     for field, col in mapping.fields.items():
         value = json_value(values.get(col))
-        if value is None or value == "":
+        blank = isinstance(value, str) and not value.strip() and field in IDENTIFIERS
+        if value is None or value == "" or blank:  # Klaviyo refuses a blank identifier
             if clear and field not in IDENTIFIERS:
                 attributes[field] = None
             continue
@@ -221,7 +225,9 @@ def profile_attributes(mapping: ProfileMapping, values: Mapping[str, Any]) -> di
         value = json_value(values.get(col))
         if value is None and not clear:
             continue
-        if value is not None and field not in ("latitude", "longitude"):
+        if value is not None and field in ("latitude", "longitude"):
+            value = _coordinate(field, value)
+        elif value is not None:
             value = str(value)
         location[field] = value
     if location:
@@ -234,3 +240,16 @@ def profile_attributes(mapping: ProfileMapping, values: Mapping[str, Any]) -> di
     if properties:
         attributes["properties"] = properties
     return attributes
+
+
+def _coordinate(field: str, value: Any) -> int | float | str:
+    """Klaviyo takes a number or numeric text; anything else would fail the whole request."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            if math.isfinite(float(value)):
+                return value
+        except ValueError:
+            pass
+    raise InvalidRow(f"location.{field}", f"{value!r:.60} is not a number")

@@ -47,9 +47,10 @@ ACTIONS: dict[str, ActionInfo] = {
         ActionInfo("remove_profile", "Remove Profile", frozenset({_A, _D})),
         ActionInfo("subscribe_profile", "Subscribe Profile", frozenset({_A, _D})),
         ActionInfo("unsubscribe_profile", "Unsubscribe Profile", frozenset({_A, _D})),
+        # Engage: an audience's members entering (added) and leaving (deleted) its model.
         ActionInfo("add_profile_to_list", "Add Profile To List (Engage)", frozenset({_A})),
         ActionInfo(
-            "remove_profile_from_list", "Remove Profile from List (Engage)", frozenset({_A})
+            "remove_profile_from_list", "Remove Profile from List (Engage)", frozenset({_D})
         ),
     )
 }

@@ -14,6 +14,8 @@ from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
+_MAX_INT_DIGITS = 300  # longer integral decimals go as doubles (null beyond a double's range)
+
 
 def json_value(value: Any) -> Any:
     """A JSON-safe equivalent of a warehouse value (None for NULL, NaN and infinities)."""
@@ -24,7 +26,10 @@ def json_value(value: Any) -> Any:
     if isinstance(value, Decimal):
         if not value.is_finite():
             return None
-        return int(value) if value == value.to_integral_value() else float(value)
+        if value == value.to_integral_value() and value.adjusted() < _MAX_INT_DIGITS:
+            return int(value)
+        number = float(value)  # beyond a double's range: infinite, so null like Infinity
+        return number if math.isfinite(number) else None
     if isinstance(value, datetime):
         return iso_datetime(value)
     if isinstance(value, date | time):
@@ -46,7 +51,11 @@ def iso_datetime(value: datetime) -> str:
     """ISO-8601 in UTC; a naive datetime is taken to be UTC already, as warehouses store it."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it: keep the offset
+        return value.isoformat()
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def dumps(payload: Any) -> bytes:

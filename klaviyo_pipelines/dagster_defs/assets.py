@@ -7,9 +7,14 @@ an asset check on its rejected-row share; each snapshot checks its primary key.
 import dagster as dg
 
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
-from klaviyo_pipelines.dagster_defs.metadata import snapshot_metadata, sync_metadata
+from klaviyo_pipelines.dagster_defs.metadata import (
+    audience_metadata,
+    snapshot_metadata,
+    sync_metadata,
+)
 from klaviyo_pipelines.dagster_defs.resources import KlaviyoApiResource, WarehouseResource
 from klaviyo_pipelines.runner import SyncReport, run_sync
+from klaviyo_pipelines.warehouse.audiences import audience_summary
 from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 
 KLAVIYO_POOL = "klaviyo"
@@ -25,8 +30,13 @@ def sync_key(sync: str) -> dg.AssetKey:
     return dg.AssetKey(["klaviyo", sync])
 
 
-def partitions_of(model: ModelSpec) -> dg.DailyPartitionsDefinition | None:
-    """Daily partitions for a partitioned model, today's included (events arrive all day)."""
+def partitions_of(
+    model: ModelSpec,
+) -> dg.DailyPartitionsDefinition | dg.DynamicPartitionsDefinition | None:
+    """Daily partitions for a partitioned model, today's included (events arrive all day);
+    one dynamic partition per audience for an audience model, added by its sensor."""
+    if model.audience is not None:
+        return dg.DynamicPartitionsDefinition(name=f"audiences_{model.name}")
     if model.partition is None:
         return None
     return dg.DailyPartitionsDefinition(start_date=model.partition.start, end_offset=1)
@@ -43,6 +53,7 @@ class SyncRunConfig(dg.Config):
     """Per-run options, settable from the launchpad or `klaviyo-pipelines sync`."""
 
     retry_rejected: bool = False  # also re-send unchanged rows rejected as invalid before
+    override_exit_guard: bool = False  # let an audience lose more members than its guard allows
 
 
 def build_snapshot_asset(app: Config, model: ModelSpec) -> dg.AssetsDefinition:
@@ -127,14 +138,21 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
                     run_id=context.run_id,
                     retry_rejected=config.retry_rejected,
                     partition=partition_of(context),
+                    override_exit_guard=config.override_exit_guard,
                     on_batch=lambda r, b: context.log.info(
                         f"batch: {len(b.delivered)} delivered, {len(b.rejected)} rejected, "
                         f"{len(b.unsent)} to retry; {sum(r.delivered.values())} delivered so far"
                     ),
                 )
+            if app.models[sync.model].audience is not None and report.partition is not None:
+                audience = audience_metadata(
+                    report, *audience_summary(wh, sync.model, report.partition)
+                )
+            else:
+                audience = {}
         finally:
             wh.dispose()
-        metadata = sync_metadata(report)
+        metadata = sync_metadata(report) | audience
         if report.status == "failed":
             raise dg.Failure(
                 description=f"{sync.name}: {report.error}",

@@ -13,7 +13,9 @@ import dagster as dg
 
 from klaviyo_pipelines.config import Config, SyncSpec
 from klaviyo_pipelines.dagster_defs.assets import SyncRunConfig, partitions_of, sync_key
+from klaviyo_pipelines.dagster_defs.audience_sensor import INVALID_IN_KEYS, audience_syncs
 from klaviyo_pipelines.definitions import build_assets, build_resources, sync_selection
+from klaviyo_pipelines.warehouse.audiences import audience_statuses
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.state import run_report
 
@@ -33,15 +35,20 @@ def materialize_syncs(
 
     Unpartitioned syncs share one run. A partitioned sync runs once per partition key given
     (default: the latest day, today), and its report sums the days, each kept under
-    `partitions`.
+    `partitions`. The syncs of an audience model run once per audience whose members changed
+    (as its sensor would), together, and their reports sum the audiences.
     """
     specs = [config.syncs[name] for name in syncs]
-    plain = [s for s in specs if config.models[s.model].partition is None]
+    plain = [s for s in specs if not config.models[s.model].partitioned]
+    audiences = [s for s in specs if config.models[s.model].audience is not None]
     reports: dict[str, dict[str, Any]] = {}
     if plain:
         reports |= _run(config, plain, None, instance, retry_rejected, log_level)
+    for model in dict.fromkeys(s.model for s in audiences):
+        group = [s for s in audiences if s.model == model]
+        reports |= _run_audiences(config, group, instance, retry_rejected, log_level)
     for spec in specs:
-        if spec in plain:
+        if spec in plain or spec in audiences:
             continue
         partitions_def = partitions_of(config.models[spec.model])
         assert partitions_def is not None
@@ -82,7 +89,7 @@ def _run(
         raise_on_error=False,
     )
     failures = [
-        event.step_failure_data.error.message.strip()
+        _root_message(event.step_failure_data.error)
         for event in result.all_events
         if event.is_step_failure and event.step_failure_data.error
     ]
@@ -101,6 +108,40 @@ def _run(
         return reports
     finally:
         wh.dispose()
+
+
+def _run_audiences(
+    config: Config,
+    specs: Sequence[SyncSpec],
+    instance: dg.DagsterInstance | None,
+    retry_rejected: bool,
+    log_level: str,
+) -> dict[str, dict[str, Any]]:
+    """One run per audience of the syncs' model that is out of sync, all `specs` in each."""
+    model = config.models[specs[0].model]
+    partitions_def = partitions_of(model)
+    assert isinstance(partitions_def, dg.DynamicPartitionsDefinition) and partitions_def.name
+    wh = Warehouse(config.warehouse.url, config.warehouse.state_schema)
+    try:
+        statuses = audience_statuses(wh, model, audience_syncs(config, model), config.path)
+    finally:
+        wh.dispose()
+    keys = [
+        s.key for s in statuses if not s.in_sync and not any(b in s.key for b in INVALID_IN_KEYS)
+    ]
+    instance = instance or dg.DagsterInstance.ephemeral()  # holds the audiences' partitions
+    known = set(instance.get_dynamic_partitions(partitions_def.name))
+    instance.add_dynamic_partitions(partitions_def.name, [k for k in keys if k not in known])
+    runs = {key: _run(config, specs, key, instance, retry_rejected, log_level) for key in keys}
+    return {s.name: _sum_days({key: run[s.name] for key, run in runs.items()}) for s in specs}
+
+
+def _root_message(error: Any) -> str:
+    """The user's own error under Dagster's wrappers: once a step's retries are spent, the
+    failure says only "Exceeded max_retries of 1" and holds the real error as its cause."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def _sum_days(days: dict[str, dict[str, Any]]) -> dict[str, Any]:

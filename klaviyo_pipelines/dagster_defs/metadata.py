@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 
 from klaviyo_pipelines.runner import SyncReport
+from klaviyo_pipelines.warehouse.audiences import RememberedList
 from klaviyo_pipelines.warehouse.snapshot import SnapshotStats
 
 KINDS = ("added", "updated", "deleted")
@@ -65,4 +66,18 @@ def snapshot_metadata(stats: SnapshotStats) -> dict[str, Any]:
         "warehouse/duplicate_rows": stats.duplicate_rows,
         "warehouse/columns": dg.JsonMetadataValue(list(stats.columns)),
         "warehouse/seconds": dg.FloatMetadataValue(round(stats.seconds, 3)),
+    }
+
+
+def audience_metadata(
+    report: SyncReport, members: int, remembered: RememberedList | None
+) -> dict[str, Any]:
+    """An audience partition's membership change and the Klaviyo list it syncs to."""
+    return {
+        "audience/key": report.partition or "",
+        "audience/members": members,
+        "audience/entered": report.found.get("added", 0),
+        "audience/exited": report.found.get("deleted", 0),
+        "audience/list_id": remembered.list_id if remembered else "",
+        "audience/list_name": (remembered.list_name or "") if remembered else "",
     }

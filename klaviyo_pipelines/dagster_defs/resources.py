@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 
@@ -37,6 +38,11 @@ class KlaviyoApiResource(dg.ConfigurableResource):
     revision: str = "2026-07-15"
     timeout_seconds: float = 30.0
     max_attempts: int = 6
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Inside a step the key is resolved from its EnvVar: never show it (repr and str)."""
+        for name, value in super().__repr_args__():
+            yield name, "********" if name == "api_key" else value
 
     @contextmanager
     def client(self) -> Iterator[KlaviyoClient]:

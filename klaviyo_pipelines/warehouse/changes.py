@@ -7,7 +7,9 @@ ever travel to Python, a page at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,8 @@ from klaviyo_pipelines.warehouse.state import (
     now,
     state_table,
 )
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,16 @@ class ChangeSet:
 
 
 def changes_table(sync: str, partition: str | None = None) -> str:
-    """One table per sync and partition, so a backfill's partitions never share one."""
-    return f"changes__{sync}" + (f"__{partition.replace('-', '')}" if partition else "")
+    """One table per sync and partition, so a backfill's partitions never share one.
+
+    A day names its table (`__20261127`); any other partition key (an audience's, which is
+    arbitrary text) is named by a short hash, so the name is always a plain identifier.
+    """
+    if not partition:
+        return f"changes__{sync}"
+    if _DAY.fullmatch(partition):
+        return f"changes__{sync}__{partition.replace('-', '')}"
+    return f"changes__{sync}__p{hashlib.sha256(partition.encode()).hexdigest()[:12]}"
 
 
 def row_hash_sql(wh: Warehouse, columns: Sequence[str], alias: str) -> str:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from klaviyo_pipelines.config import ConfigError, ModelSpec
+from klaviyo_pipelines.warehouse.audiences import audience_filter, audience_select
 from klaviyo_pipelines.warehouse.engine import Warehouse
 
 KEY = "_kp_key"
@@ -86,16 +87,16 @@ def take_snapshot(
     with wh.engine.begin() as conn:
         wh.ensure_schema(conn)
         columns = model_columns(wh, conn, model, config_path)
-        select = _snapshot_select(wh, model, columns, config_path)
+        select, bound = _snapshot_select(wh, model, columns, config_path)
         if partition is None:
             staging = f"{final}__new"
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(staging)}"))
-            conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"))
+            conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"), bound)
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
             conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
-            _index(wh, conn, table, model.partition is not None)
+            _index(wh, conn, table, model.partitioned)
         else:
-            _replace_partition(wh, conn, model, columns, select, partition)
+            _replace_partition(wh, conn, model, columns, (select, bound), partition, config_path)
         _record_bad_keys(wh, conn, model.name, partition)
         scope, params = _scope(partition)
         rows = conn.execute(sa.text(f"SELECT count(*) FROM {table} {scope}"), params).scalar()
@@ -117,7 +118,12 @@ def take_snapshot(
     )
 
 
-def _snapshot_select(wh: Warehouse, model: ModelSpec, columns: list[str], config_path: str) -> str:
+def _snapshot_select(
+    wh: Warehouse, model: ModelSpec, columns: list[str], config_path: str
+) -> tuple[str, dict[str, Any]]:
+    """The query a snapshot is made of, and its bound parameters."""
+    if model.audience is not None:
+        return audience_select(wh, model, columns, config_path)
     pk = resolve_column(columns, model.primary_key)
     day = "CAST(NULL AS VARCHAR)"
     if model.partition is not None:
@@ -132,15 +138,22 @@ def _snapshot_select(wh: Warehouse, model: ModelSpec, columns: list[str], config
     return (
         f"SELECT m.*, CAST(m.{wh.quote(pk)} AS VARCHAR) AS {KEY}, {day} AS {PARTITION} "
         f"FROM ({wh.model_sql(model)}) AS m"
-    )
+    ), {}
 
 
 def _replace_partition(
-    wh: Warehouse, conn: Connection, model: ModelSpec, columns: list[str], select: str, day: str
+    wh: Warehouse,
+    conn: Connection,
+    model: ModelSpec,
+    columns: list[str],
+    query: tuple[str, dict[str, Any]],
+    day: str,
+    config_path: str,
 ) -> None:
-    """Delete and re-insert one day; the filter goes into the model's query, so the warehouse
-    reads only that day."""
-    assert model.partition is not None
+    """Delete and re-insert one day (or audience); the filter goes into the model's query, so
+    the warehouse reads only that partition."""
+    assert model.partitioned
+    select, bound = query
     final = snapshot_table(model.name)
     table = wh.table(final)
     expected = [*columns, KEY, PARTITION]
@@ -151,11 +164,16 @@ def _replace_partition(
     )
     if existing != expected:  # new, or the model's columns changed: start the table afresh
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-        conn.execute(sa.text(f"CREATE TABLE {table} AS {select} WHERE 1 = 0"))
+        conn.execute(sa.text(f"CREATE TABLE {table} AS {select} WHERE 1 = 0"), bound)
         _index(wh, conn, table, partitioned=True)
+    conn.execute(sa.text(f"DELETE FROM {table} WHERE {PARTITION} = :day"), {"day": day})
+    if model.audience is not None:
+        where, params = audience_filter(wh, model, columns, day, config_path)
+        conn.execute(sa.text(f"INSERT INTO {table} {select} {where}"), {**bound, **params})
+        return
+    assert model.partition is not None
     start = date.fromisoformat(day)
     column = wh.quote(resolve_column(columns, model.partition.column) or model.partition.column)
-    conn.execute(sa.text(f"DELETE FROM {table} WHERE {PARTITION} = :day"), {"day": day})
     conn.execute(
         sa.text(
             f"INSERT INTO {table} {select} WHERE m.{column} >= CAST(:start AS TIMESTAMP) "
