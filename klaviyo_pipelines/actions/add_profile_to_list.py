@@ -13,11 +13,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import groupby
 
-from klaviyo_pipelines.actions.base import BatchResult, Prepared
+from klaviyo_pipelines.actions.base import BatchResult, Prepared, check_settings
 from klaviyo_pipelines.actions.engage import audience_list, configured_lists
 from klaviyo_pipelines.actions.registry import ACTIONS
 from klaviyo_pipelines.actions.upsert_profile import UpsertProfile
-from klaviyo_pipelines.config import ConfigError, SyncSpec
+from klaviyo_pipelines.config import SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.warehouse.audiences import RememberedList
 from klaviyo_pipelines.warehouse.changes import ChangeSet
@@ -32,14 +32,7 @@ class AddProfileToList(UpsertProfile):
     transport_settings = UpsertProfile.transport_settings | {"lists"}
 
     def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
-        for key in sync.settings:
-            if key not in SETTINGS:
-                raise ConfigError(
-                    config_path,
-                    f"syncs.{sync.name}.settings.{key}",
-                    f"unknown setting for add_profile_to_list (settings: "
-                    f"{', '.join(sorted(SETTINGS))})",
-                )
+        check_settings(sync, SETTINGS, config_path)
         self.lists = configured_lists(sync, config_path)
         inherited = {k: v for k, v in sync.settings.items() if k != "lists"}
         super().__init__(replace(sync, settings=inherited), columns, config_path)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.registry import ActionInfo
-from klaviyo_pipelines.config import SyncSpec
+from klaviyo_pipelines.config import ConfigError, SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
 from klaviyo_pipelines.klaviyo.errors import KlaviyoError
@@ -163,3 +163,15 @@ def field_of_pointer(pointer: str | None) -> str | None:
         if tail[0] and not any(part.isdigit() for part in tail):
             return ".".join(tail)
     return None
+
+
+def check_settings(sync: SyncSpec, allowed: Iterable[str], config_path: str) -> None:
+    """Refuse a setting the action does not know, naming it and the ones it does."""
+    known = sorted(allowed)
+    for key in sync.settings:
+        if key not in known:
+            raise ConfigError(
+                config_path,
+                f"syncs.{sync.name}.settings.{key}",
+                f"unknown setting for {sync.action} (settings: {', '.join(known)})",
+            )

@@ -19,6 +19,7 @@ from klaviyo_pipelines.actions.base import (
     BatchResult,
     Prepared,
     Rejected,
+    check_settings,
     field_of_pointer,
     pointer_index,
 )
@@ -61,14 +62,7 @@ class ConsentAction(Action):
     def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
         super().__init__(sync)
         self.config_path = config_path
-        for key in sync.settings:
-            if key not in self.setting_keys:
-                raise ConfigError(
-                    config_path,
-                    self.setting_path(key),
-                    f"unknown setting for {sync.action} "
-                    f"(settings: {', '.join(sorted(self.setting_keys))})",
-                )
+        check_settings(sync, self.setting_keys, config_path)
         if "external_id" in sync.mapping:
             raise ConfigError(
                 config_path,

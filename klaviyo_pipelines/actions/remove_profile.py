@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from klaviyo_pipelines.actions.base import Action, BatchResult, Prepared, Rejected, pointer_index
+from klaviyo_pipelines.actions.base import (
+    Action,
+    BatchResult,
+    Prepared,
+    Rejected,
+    check_settings,
+    pointer_index,
+)
 from klaviyo_pipelines.actions.lists import require_list
 from klaviyo_pipelines.actions.lookup import (
     LOOKUP_FIELDS,
@@ -46,13 +53,7 @@ class RemoveProfile(Action):
         super().__init__(sync)
         settings = dict(sync.settings)
         prefix = f"syncs.{sync.name}.settings"
-        for key in settings:
-            if key not in SETTINGS:
-                raise ConfigError(
-                    config_path,
-                    f"{prefix}.{key}",
-                    f"unknown setting for remove_profile (settings: {', '.join(sorted(SETTINGS))})",
-                )
+        check_settings(sync, SETTINGS, config_path)
         list_id = settings.get("list_id")
         if not isinstance(list_id, str | int) or not str(list_id).strip():
             raise ConfigError(

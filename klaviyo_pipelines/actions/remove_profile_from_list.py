@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import groupby
 
-from klaviyo_pipelines.actions.base import BatchResult, Prepared
+from klaviyo_pipelines.actions.base import BatchResult, Prepared, check_settings
 from klaviyo_pipelines.actions.engage import (
     audience_list,
     check_exits,
@@ -24,7 +24,7 @@ from klaviyo_pipelines.actions.engage import (
 )
 from klaviyo_pipelines.actions.registry import ACTIONS
 from klaviyo_pipelines.actions.remove_profile import RemoveProfile
-from klaviyo_pipelines.config import ConfigError, SyncSpec
+from klaviyo_pipelines.config import SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.warehouse.audiences import RememberedList, membership_changes
 from klaviyo_pipelines.warehouse.changes import ChangeSet, changes_table
@@ -40,14 +40,7 @@ class RemoveProfileFromList(RemoveProfile):
     transport_settings = RemoveProfile.transport_settings | {"lists", "max_exit_share"}
 
     def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
-        for key in sync.settings:
-            if key not in SETTINGS:
-                raise ConfigError(
-                    config_path,
-                    f"syncs.{sync.name}.settings.{key}",
-                    f"unknown setting for remove_profile_from_list (settings: "
-                    f"{', '.join(sorted(SETTINGS))})",
-                )
+        check_settings(sync, SETTINGS, config_path)
         self.lists = configured_lists(sync, config_path)
         self.max_exit_share = max_exit_share(sync, config_path)
         inherited = {k: v for k, v in sync.settings.items() if k in PASSED_ON}

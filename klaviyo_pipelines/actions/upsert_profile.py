@@ -17,6 +17,7 @@ from klaviyo_pipelines.actions.base import (
     BatchResult,
     Prepared,
     Rejected,
+    check_settings,
     field_of_pointer,
     pointer_index,
 )
@@ -56,13 +57,7 @@ class UpsertProfile(Action):
     def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
         super().__init__(sync)
         settings = dict(sync.settings)
-        for key in settings:
-            if key not in SETTINGS:
-                raise ConfigError(
-                    config_path,
-                    f"syncs.{sync.name}.settings.{key}",
-                    f"unknown setting for upsert_profile (settings: {', '.join(sorted(SETTINGS))})",
-                )
+        check_settings(sync, SETTINGS, config_path)
         self.mapping: ProfileMapping = resolve_profile_mapping(sync, columns, config_path)
         self.list_id: str | None = settings.get("list_id") or None
         self.batch_mode = bool(settings.get("batch", True))
