@@ -175,3 +175,15 @@ def check_settings(sync: SyncSpec, allowed: Iterable[str], config_path: str) -> 
                 f"syncs.{sync.name}.settings.{key}",
                 f"unknown setting for {sync.action} (settings: {', '.join(known)})",
             )
+
+
+def batch_size_setting(sync: SyncSpec, largest: int, config_path: str) -> int:
+    """`settings.batch_size`: a whole number from 1 to the endpoint's limit, which is the default."""
+    size = sync.settings.get("batch_size", largest)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= largest:
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.batch_size",
+            f"must be a whole number from 1 to {largest}, got {size!r}",
+        )
+    return size

@@ -19,6 +19,7 @@ from klaviyo_pipelines.actions.base import (
     BatchResult,
     Prepared,
     Rejected,
+    batch_size_setting,
     check_settings,
     field_of_pointer,
     pointer_index,
@@ -79,15 +80,7 @@ class ConsentAction(Action):
         self.country = default_country(sync, config_path)
         self.list_id = self.text_setting("list_id")
         self.batch_mode = self.bool_setting("batch", True)
-        largest = self.job_endpoint.max_items or 1
-        size = sync.settings.get("batch_size", largest)
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= largest:
-            raise ConfigError(
-                config_path,
-                self.setting_path("batch_size"),
-                f"profiles per request: a whole number from 1 to {largest}, got {size!r}",
-            )
-        self.request_size = size
+        self.request_size = batch_size_setting(sync, self.job_endpoint.max_items or 1, config_path)
         self._lists: dict[str, bool] = {}  # list id -> exists, checked once per run
 
     # -- settings and values -----------------------------------------------------------------

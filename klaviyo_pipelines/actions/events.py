@@ -31,6 +31,7 @@ from klaviyo_pipelines.actions.base import (
     BatchResult,
     Prepared,
     Rejected,
+    batch_size_setting,
     field_of_pointer,
     pointer_index,
 )
@@ -199,13 +200,7 @@ def resolve_event_mapping(keys: SyncKeys) -> EventMapping:
             )
         currency = currency.upper()
     batch_mode = keys.flag("batch", True)
-    limit = EVENT_BULK_CREATE.max_items or 1000
-    size = settings.get("batch_size", limit)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= limit:
-        raise keys.error(
-            "settings.batch_size",
-            f"must be a whole number of events per request from 1 to {limit}, got {size!r}",
-        )
+    size = batch_size_setting(keys.sync, EVENT_BULK_CREATE.max_items or 1000, keys.config_path)
     return EventMapping(
         sync=keys.sync.name,
         identifiers=identifiers,

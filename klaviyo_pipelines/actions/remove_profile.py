@@ -16,6 +16,7 @@ from klaviyo_pipelines.actions.base import (
     BatchResult,
     Prepared,
     Rejected,
+    batch_size_setting,
     check_settings,
     pointer_index,
 )
@@ -69,14 +70,7 @@ class RemoveProfile(Action):
             )
         self.country = default_country(sync, config_path)
         self.batch_mode = bool(settings.get("batch", True))
-        size = settings.get("batch_size", MAX_IDS)
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IDS:
-            raise ConfigError(
-                config_path,
-                f"{prefix}.batch_size",
-                f"must be a whole number from 1 to {MAX_IDS}, got {size!r}",
-            )
-        self._batch_size = size
+        self._batch_size = batch_size_setting(sync, MAX_IDS, config_path)
 
     @property
     def columns(self) -> set[str]:

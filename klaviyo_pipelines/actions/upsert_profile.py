@@ -17,6 +17,7 @@ from klaviyo_pipelines.actions.base import (
     BatchResult,
     Prepared,
     Rejected,
+    batch_size_setting,
     check_settings,
     field_of_pointer,
     pointer_index,
@@ -31,7 +32,7 @@ from klaviyo_pipelines.actions.profile import (
 )
 from klaviyo_pipelines.actions.registry import ACTIONS
 from klaviyo_pipelines.actions.values import dumps
-from klaviyo_pipelines.config import ConfigError, SyncSpec
+from klaviyo_pipelines.config import SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import LIST_MEMBERSHIP, PROFILE_BULK_IMPORT, PROFILES
 from klaviyo_pipelines.klaviyo.errors import (
@@ -61,14 +62,9 @@ class UpsertProfile(Action):
         self.mapping: ProfileMapping = resolve_profile_mapping(sync, columns, config_path)
         self.list_id: str | None = settings.get("list_id") or None
         self.batch_mode = bool(settings.get("batch", True))
-        size = settings.get("batch_size", PROFILE_BULK_IMPORT.max_items)
-        if not isinstance(size, int) or not 1 <= size <= (PROFILE_BULK_IMPORT.max_items or 0):
-            raise ConfigError(
-                config_path,
-                f"syncs.{sync.name}.settings.batch_size",
-                f"must be a whole number from 1 to {PROFILE_BULK_IMPORT.max_items}, got {size!r}",
-            )
-        self._batch_size = size
+        self._batch_size = batch_size_setting(
+            sync, PROFILE_BULK_IMPORT.max_items or 10_000, config_path
+        )
         self.job_timeout = float(settings.get("job_timeout_seconds", 900))
 
     @property
