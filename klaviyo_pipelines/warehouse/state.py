@@ -233,6 +233,21 @@ def ledger_entries(wh: Warehouse, sync: str, limit: int | None = None) -> list[L
     ]
 
 
+def ledger_counts(wh: Warehouse, sync: str) -> dict[FailureKind, int]:
+    """How many of the sync's rows await a fix (invalid) or a retry (transient), by kind."""
+    counts = dict.fromkeys(FailureKind, 0)
+    with wh.engine.connect() as conn:
+        if not wh.table_exists(conn, LEDGER):
+            return counts
+        rows = conn.execute(
+            sa.text(
+                f"SELECT kind, count(*) FROM {wh.table(LEDGER)} WHERE sync = :sync GROUP BY kind"
+            ),
+            {"sync": sync},
+        ).all()
+    return counts | {FailureKind(kind): int(n) for kind, n in rows}
+
+
 def delivered_count(wh: Warehouse, sync: str) -> int:
     with wh.engine.connect() as conn:
         if not wh.table_exists(conn, state_table(sync)):
@@ -265,6 +280,32 @@ def record_run(
                 "report": json.dumps(report, default=str),
             },
         )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of the run log: when a run of a sync happened, and its report."""
+
+    run_id: str
+    started_at: datetime
+    finished_at: datetime
+    status: str
+    report: dict[str, Any]
+
+
+def latest_run(wh: Warehouse, sync: str) -> RunRecord | None:
+    """The sync's most recently finished run, or None when it never ran."""
+    with wh.engine.connect() as conn:
+        if not wh.table_exists(conn, RUNS):
+            return None
+        row = conn.execute(
+            sa.text(
+                f"SELECT run_id, started_at, finished_at, status, report_json FROM "
+                f"{wh.table(RUNS)} WHERE sync = :sync ORDER BY finished_at DESC LIMIT 1"
+            ),
+            {"sync": sync},
+        ).first()
+    return RunRecord(row[0], row[1], row[2], row[3], json.loads(row[4])) if row else None
 
 
 def run_report(wh: Warehouse, sync: str, run_id: str | None = None) -> dict[str, Any] | None:
