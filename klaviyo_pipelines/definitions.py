@@ -18,9 +18,11 @@ from klaviyo_pipelines.dagster_defs.assets import (
 )
 from klaviyo_pipelines.dagster_defs.audience_sensor import audience_syncs, build_audience_sensor
 from klaviyo_pipelines.dagster_defs.resources import KlaviyoApiResource, WarehouseResource
+from klaviyo_pipelines.progress import SyncObserver
 
 
-def build_resources(config: Config) -> dict[str, dg.ConfigurableResource]:
+def build_resources(config: Config) -> dict[str, object]:
+    """The warehouse, the Klaviyo API, and a silent progress observer (the CLI brings its own)."""
     return {
         "warehouse": WarehouseResource(
             url=config.warehouse.url, state_schema=config.warehouse.state_schema
@@ -32,6 +34,7 @@ def build_resources(config: Config) -> dict[str, dg.ConfigurableResource]:
             timeout_seconds=config.klaviyo.timeout_seconds,
             max_attempts=config.klaviyo.max_attempts,
         ),
+        "progress": SyncObserver(),
     }
 
 

@@ -6,6 +6,7 @@ an asset check on its rejected-row share; each snapshot checks its primary key.
 
 import dagster as dg
 
+from klaviyo_pipelines.actions.base import BatchResult
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
 from klaviyo_pipelines.dagster_defs.metadata import (
     audience_metadata,
@@ -13,6 +14,7 @@ from klaviyo_pipelines.dagster_defs.metadata import (
     sync_metadata,
 )
 from klaviyo_pipelines.dagster_defs.resources import KlaviyoApiResource, WarehouseResource
+from klaviyo_pipelines.progress import SyncObserver
 from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.warehouse.audiences import audience_summary
 from klaviyo_pipelines.warehouse.snapshot import take_snapshot
@@ -126,10 +128,22 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
         config: SyncRunConfig,
         warehouse: WarehouseResource,
         klaviyo: KlaviyoApiResource,
+        progress: dg.ResourceParam[SyncObserver],
     ) -> dg.MaterializeResult:
+        partition = partition_of(context)
+        progress.started(sync.name, partition)
         wh = warehouse.open()
         try:
             with klaviyo.client() as client:
+
+                def on_batch(report: SyncReport, batch: BatchResult) -> None:
+                    context.log.info(
+                        f"batch: {len(batch.delivered)} delivered, {len(batch.rejected)} "
+                        f"rejected, {len(batch.unsent)} to retry; "
+                        f"{sum(report.delivered.values())} delivered so far"
+                    )
+                    progress.batch(report, client.stats)
+
                 report = run_sync(
                     app,
                     sync.name,
@@ -137,13 +151,11 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
                     client,
                     run_id=context.run_id,
                     retry_rejected=config.retry_rejected,
-                    partition=partition_of(context),
+                    partition=partition,
                     override_exit_guard=config.override_exit_guard,
-                    on_batch=lambda r, b: context.log.info(
-                        f"batch: {len(b.delivered)} delivered, {len(b.rejected)} rejected, "
-                        f"{len(b.unsent)} to retry; {sum(r.delivered.values())} delivered so far"
-                    ),
+                    on_batch=on_batch,
                 )
+            progress.finished(report)
             if app.models[sync.model].audience is not None and report.partition is not None:
                 audience = audience_metadata(
                     report, *audience_summary(wh, sync.model, report.partition)
