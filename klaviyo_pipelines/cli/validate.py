@@ -1,0 +1,133 @@
+"""`validate`: the config file, then every model and sync against the warehouse, all errors at once.
+
+Reads the warehouse, writes nothing and calls no API: it checks what a run would check before
+sending (the file, the API key's variable, every model's query and key, each sync's mapping
+and settings against its model's columns), but reports every problem, not just the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from rich.markup import escape
+
+from klaviyo_pipelines.cli.output import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    config_errors,
+    console,
+    errors,
+    print_json,
+    wants_json,
+)
+from klaviyo_pipelines.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from klaviyo_pipelines.warehouse.engine import Warehouse
+
+
+def validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:  # the file itself: nothing more can be checked
+        return _report(args, exc.path, [], [exc])
+    return _report(args, config.path, list(config.syncs), config_problems(config))
+
+
+def config_problems(config: Config) -> list[ConfigError]:
+    """Every problem a run would stop on before sending, in file order."""
+    from klaviyo_pipelines.warehouse.engine import Warehouse
+
+    problems: list[ConfigError] = []
+    try:
+        config.klaviyo.api_key.resolve(config.path)  # only whether it is set; never shown
+    except ConfigError as exc:
+        problems.append(exc)
+    wh = Warehouse(config.warehouse.url, config.warehouse.state_schema)
+    try:
+        problems += _warehouse_problems(config, wh)
+    finally:
+        wh.dispose()
+    return problems
+
+
+def _warehouse_problems(config: Config, wh: Warehouse) -> list[ConfigError]:
+    import sqlalchemy as sa
+
+    from klaviyo_pipelines.actions.factory import build_action
+    from klaviyo_pipelines.actions.order_completed import OrderCompleted
+    from klaviyo_pipelines.warehouse.audiences import audience_select
+    from klaviyo_pipelines.warehouse.snapshot import model_columns, resolve_column
+
+    try:
+        with wh.engine.connect():
+            pass
+    except sa.exc.SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        return [ConfigError(config.path, "warehouse.url", f"cannot connect: {detail}")]
+    problems: list[ConfigError] = []
+    columns: dict[str, list[str]] = {}
+    for model in config.models.values():
+        try:
+            with wh.engine.connect() as conn:  # one connection each: a failed query spoils it
+                found = model_columns(wh, conn, model, config.path)
+            if model.partition and resolve_column(found, model.partition.column) is None:
+                raise ConfigError(
+                    config.path,
+                    f"models.{model.name}.partition.column",
+                    f"column {model.partition.column!r} is not in the model",
+                )
+            if model.audience is not None:
+                audience_select(wh, model, found, config.path)  # names its missing columns
+            columns[model.name] = found
+        except ConfigError as exc:
+            problems.append(exc)
+    for sync in config.syncs.values():
+        if sync.model not in columns:
+            continue  # its model's problem is reported once, above
+        try:
+            action = build_action(sync, columns[sync.model], config.path)
+        except ConfigError as exc:
+            problems.append(exc)
+            continue
+        line_items = action.line_items if isinstance(action, OrderCompleted) else None
+        if line_items is not None and line_items.model in columns:
+            for key, column in (
+                ("order_key", line_items.order_key),
+                ("order_by", line_items.order_by),
+            ):
+                if column and resolve_column(columns[line_items.model], column) is None:
+                    problems.append(
+                        ConfigError(
+                            config.path,
+                            f"syncs.{sync.name}.settings.line_items.{key}",
+                            f"column {column!r} is not in model {line_items.model!r}",
+                        )
+                    )
+    return problems
+
+
+def _report(
+    args: argparse.Namespace, path: str, syncs: list[str], problems: list[ConfigError]
+) -> int:
+    if wants_json(args):
+        print_json(
+            {
+                "valid": not problems,
+                "config": path,
+                "syncs": syncs,
+                "errors": config_errors(problems),
+                **({"error": "; ".join(map(str, problems))} if problems else {}),
+            }
+        )
+    elif problems:
+        for problem in problems:
+            errors.print(
+                f"[red]{escape(problem.path)}[/red]: [bold]{escape(problem.key)}[/bold]: "
+                f"{escape(problem.reason)}"
+            )
+        errors.print(f"[red]{len(problems)} problem(s) in {escape(path)}[/red]")
+    else:
+        console.print(f"[green]{path}: {len(syncs)} sync(s) valid[/green]")
+    return EXIT_CONFIG if problems else EXIT_OK
