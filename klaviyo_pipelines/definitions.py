@@ -81,6 +81,15 @@ def build_schedule(config: Config, sync: SyncSpec) -> dg.ScheduleDefinition:
     return recent_days
 
 
+def build_executor(config: Config) -> dg.ExecutorDefinition | None:
+    """Steps of one run in one process on DuckDB, which lets one process at a time open the
+    file: the default executor runs independent steps (two snapshots, an audience's add and
+    remove syncs) in parallel subprocesses, and one fails whenever two open the file at once."""
+    if config.warehouse.url.startswith("duckdb"):
+        return dg.in_process_executor
+    return None
+
+
 def build_definitions(config: Config) -> dg.Definitions:
     schedules = [build_schedule(config, s) for s in config.syncs.values() if s.schedule]
     sensors = [
@@ -93,6 +102,7 @@ def build_definitions(config: Config) -> dg.Definitions:
         schedules=schedules,
         sensors=sensors,
         resources=build_resources(config),
+        executor=build_executor(config),
     )
 
 
