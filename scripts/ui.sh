@@ -3,6 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port="${SANDBOX_PORT:-8765}"
+# The demo warehouse is a DuckDB file, which one process at a time may open: queue runs one
+# at a time (docs/operations.md). Written once; edit it freely afterwards.
+if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
+  cat >"$DAGSTER_HOME/dagster.yaml" <<'YAML'
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 1
+telemetry:
+  enabled: false
+YAML
+fi
 klaviyo-pipelines sandbox --port "$port" &
 sandbox=$!
 trap 'kill $sandbox 2>/dev/null || true' EXIT
