@@ -2,7 +2,8 @@
 
 Everything that can be checked without the warehouse is checked here, so a typo stops the
 run with one message naming the file, the place and the reason before anything is sent.
-Checks that need the model's columns live in `validation.py`.
+Checks that need the model's columns live with the actions (`actions/`, mapping and settings)
+and in `warehouse/snapshot.py` (the model's query and primary key).
 """
 
 from __future__ import annotations
