@@ -219,3 +219,24 @@ def test_the_klaviyo_pool_runs_one_klaviyo_step_at_a_time(
     assert first[1] <= second[0], f"the Klaviyo steps overlapped: {first} and {second}"
     assert instance.event_log_storage.get_concurrency_info(KLAVIYO_POOL).claimed_slots == []
     assert len(sandbox.state.list_members(DEMO_LIST_ID)) > 50
+
+
+def test_the_workspace_loads_the_production_config(production_home, duckdb_url) -> None:
+    """deploy/workspace.yaml, as the webserver and the daemon load it, on the instance."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "KLAVIYO_PIPELINES_CONFIG": str(DEPLOY / "klaviyo_pipelines.yaml"),
+        "WAREHOUSE_URL": duckdb_url,
+        "KLAVIYO_VIP_LIST_ID": DEMO_LIST_ID,
+    }
+    workspace = str(DEPLOY / "workspace.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", workspace],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
