@@ -74,3 +74,16 @@ def test_the_file_and_the_warehouse_connection(tmp_path, duckdb_url, sandbox, ca
     assert code == 2
     [error] = result["errors"]
     assert error["key"] == "warehouse.url" and error["reason"].startswith("cannot connect:")
+
+
+def test_sync_without_the_key_is_a_config_error_not_a_traceback(
+    tmp_path, duckdb_url, sandbox, capsys, monkeypatch
+) -> None:
+    create_demo_warehouse(duckdb_url, "klaviyo_sync", customers=10)
+    config = write_config(tmp_path, duckdb_url, sandbox)
+    monkeypatch.delenv("KLAVIYO_API_KEY")
+    code, result = run(capsys, "--config", config, "sync", "--select", "customers_to_klaviyo")
+    assert code == 2 and "Traceback" not in result["error"]
+    [error] = result["errors"]
+    assert error["key"] == "klaviyo.api_key" and "KLAVIYO_API_KEY is not set" in error["reason"]
+    assert sandbox.state.requests == []

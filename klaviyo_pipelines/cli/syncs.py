@@ -152,6 +152,7 @@ def sync(args: argparse.Namespace) -> int:
                     f"sync {name!r} is not an audience sync (audience syncs: "
                     f"{', '.join(audience_syncs) or 'none'})",
                 )
+    config.klaviyo.api_key.resolve(config.path)  # a missing key is exit 2, not a traceback
     check(config, names)
     reports = run_syncs(
         config,
