@@ -7,18 +7,22 @@ port="${SANDBOX_PORT:-8765}"
 # at a time (docs/operations.md). Written once; edit it freely afterwards.
 if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
   cat >"$DAGSTER_HOME/dagster.yaml" <<'YAML'
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
+concurrency:
+  runs:
     max_concurrent_runs: 1
 telemetry:
   enabled: false
 YAML
 fi
+# With the bundled demo config and no demo warehouse yet, make one: the sensors read it.
+if [ -z "${KLAVIYO_PIPELINES_CONFIG:-}" ] && [ ! -f klaviyo_pipelines.yaml ] \
+  && [ -z "${WAREHOUSE_URL:-}" ] && [ ! -f klaviyo_demo.duckdb ]; then
+  klaviyo-pipelines demo
+fi
 klaviyo-pipelines sandbox --port "$port" &
 sandbox=$!
 trap 'kill $sandbox 2>/dev/null || true' EXIT
-export KLAVIYO_API_KEY="${KLAVIYO_API_KEY:-pk_sandbox_demo}"
+# The demo's sandbox key, whatever the shell exports: a real key must never reach the sandbox.
+export KLAVIYO_API_KEY=pk_sandbox_demo
 export KLAVIYO_BASE_URL="http://127.0.0.1:$port"
 dagster dev -w workspace.yaml -p "${DAGSTER_PORT:-3000}"
