@@ -69,10 +69,25 @@ def changes_table(sync: str, partition: str | None = None) -> str:
     return f"changes__{sync}__p{hashlib.sha256(partition.encode()).hexdigest()[:12]}"
 
 
-def row_hash_sql(wh: Warehouse, columns: Sequence[str], alias: str) -> str:
-    """md5 over every column as text; NULL and '' hash differently ('n' vs 'v'-suffixed)."""
-    parts = [f"COALESCE(CAST({alias}.{wh.quote(c)} AS VARCHAR) || 'v', 'n')" for c in columns]
-    return "md5(" + " || chr(31) || ".join(parts) + ")"
+def sync_hash_sql(wh: Warehouse, columns: Sequence[str], alias: str) -> str:
+    """SQL for a row's sync hash over the columns the sync reads and `:fingerprint`.
+
+    Each dialect uses its cheapest hash that tells NULL from '' and one column from the next,
+    since casting every value to text and md5-ing it was most of a change set's time.
+    DuckDB: its own 64-bit `hash()` over the typed values, no text at all. PostgreSQL: the
+    row as text (record syntax, so NULL and '' differ) through `hashtextextended`, the 64-bit
+    hash behind hash partitioning, hence stable across versions. Others: md5 over text.
+    Should a new version hash otherwise, each row is sent once more, never skipped. The
+    value is a number on DuckDB and PostgreSQL, kept so through the diff's join (a smaller
+    hash table than its text) and stored as text.
+    """
+    values = [f"{alias}.{wh.quote(c)}" for c in columns]
+    if wh.dialect == "duckdb":
+        return f"hash(CAST(:fingerprint AS VARCHAR), {', '.join(values)})"
+    if wh.dialect == "postgresql":
+        return f"hashtextextended(CAST(ROW({', '.join(values)}) AS TEXT) || :fingerprint, 0)"
+    parts = [f"COALESCE(CAST({v} AS VARCHAR) || 'v', 'n')" for v in values]
+    return "md5(" + " || chr(31) || ".join(parts) + " || :fingerprint)"
 
 
 def compute_change_set(
@@ -100,84 +115,105 @@ def compute_change_set(
     snap, state = wh.table(snapshot_table(sync.model)), wh.table(state_table(sync.name))
     bad = wh.table(bad_keys_table(sync.model))
     ledger, table = wh.table(LEDGER), wh.table(changes_table(sync.name, partition))
+    diff = "kp_diff"  # a session's own scratch table: concurrent runs never share it
     selected_kinds = ", ".join(f"'{kind.value}'" for kind in sync.on)  # enum values, not input
-    held = (
-        "FALSE"
+    invalid = (  # rows rejected as invalid before, under the hash they had then
+        f"SELECT row_key, row_hash FROM {ledger} "
+        f"WHERE sync = :sync AND kind = '{FailureKind.INVALID.value}'"
+    )
+    held, held_join = (
+        ("FALSE", "")
         if retry_rejected
         else (
-            f"EXISTS (SELECT 1 FROM {ledger} AS l WHERE l.sync = :sync AND l.row_key = d.k "
-            f"AND l.kind = '{FailureKind.INVALID.value}' AND l.row_hash = d.h)"
+            "l.row_key IS NOT NULL",
+            f"LEFT JOIN ({invalid}) AS l ON l.row_key = d.{KEY} AND l.row_hash = d._kp_hash",
         )
     )
     in_snapshot = f"s.{PARTITION} = :partition AND " if partition else ""
     in_state = "st.partition_key = :partition AND " if partition else ""
-    model_columns = ", ".join(f"s.{wh.quote(c)}" for c in columns)
     params = {"fingerprint": fingerprint, "sync": sync.name, "partition": partition}
     with wh.engine.begin() as conn:
         if wh.dialect == "postgresql":  # fresh tables fool the estimates into costly JIT
             conn.execute(sa.text("SET LOCAL jit = off"))
         ensure_tables(wh, conn, sync.name)
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {diff}"))  # a pooled session keeps its own
+        # Keys and hashes only, one join per statement: each holds one large hash table, so
+        # DuckDB stays within its memory limit (both joins in one statement ran out of 1 GB
+        # at 10M rows), and carrying every column made it hash the whole snapshot.
         conn.execute(
             sa.text(
                 f"""
-                CREATE TABLE {table} AS
+                CREATE TEMP TABLE {diff} AS
                 WITH snap AS (
-                    SELECT s.*, md5({row_hash_sql(wh, columns, "s")} || :fingerprint)
-                        AS kp_sync_hash
+                    SELECT s.{KEY}, s.{PARTITION}, {sync_hash_sql(wh, columns, "s")} AS h
                     FROM {snap} AS s
                     WHERE {in_snapshot} s.{KEY} IS NOT NULL AND NOT EXISTS (
                         SELECT 1 FROM {bad} AS b WHERE b.{KEY} = s.{KEY})
-                ),
-                diff AS (
-                    SELECT s.{KEY} AS k, s.kp_sync_hash AS h, s.{PARTITION} AS p,
-                        CASE WHEN st.row_key IS NULL THEN 'added' ELSE 'updated' END AS kind
-                    FROM snap AS s LEFT JOIN {state} AS st ON st.row_key = s.{KEY}
-                    WHERE st.row_key IS NULL OR st.row_hash <> s.kp_sync_hash
-                    UNION ALL
-                    SELECT st.row_key AS k, st.row_hash AS h, st.partition_key AS p,
-                        'deleted' AS kind
-                    FROM {state} AS st
-                    WHERE {in_state} NOT EXISTS (
-                        SELECT 1 FROM {snap} AS a WHERE a.{KEY} = st.row_key)
-                ),
-                flagged AS (
-                    SELECT d.*, ({held}) AS held,
-                        (d.kind IN ({selected_kinds}) AND NOT ({held})) AS send
-                    FROM diff AS d
                 )
-                SELECT
-                    CASE WHEN f.send THEN row_number() OVER (PARTITION BY f.send ORDER BY f.k)
-                    END AS _kp_seq,
-                    f.send AS _kp_send, f.held AS _kp_held, f.kind AS _kp_kind,
-                    f.h AS _kp_hash, f.k AS {KEY}, f.p AS {PARTITION},
-                    st.row_json AS _kp_row_json, {model_columns}
-                FROM flagged AS f
-                LEFT JOIN {snap} AS s ON s.{KEY} = f.k AND f.kind <> 'deleted'
-                    {"AND s." + PARTITION + " = :partition" if partition else ""}
-                LEFT JOIN {state} AS st ON st.row_key = f.k AND f.kind = 'deleted'
+                SELECT s.{KEY}, CAST(s.h AS VARCHAR) AS _kp_hash, s.{PARTITION},
+                    CASE WHEN st.row_key IS NULL THEN 'added' ELSE 'updated' END AS _kp_kind
+                FROM snap AS s LEFT JOIN {state} AS st ON st.row_key = s.{KEY}
+                WHERE st.row_key IS NULL OR st.row_hash <> CAST(s.h AS VARCHAR)
                 """
             ),
             params,
         )
+        conn.execute(
+            sa.text(
+                f"""
+                INSERT INTO {diff} ({KEY}, _kp_hash, {PARTITION}, _kp_kind)
+                SELECT st.row_key, st.row_hash, st.partition_key, 'deleted'
+                FROM {state} AS st
+                WHERE {in_state} NOT EXISTS (SELECT 1 FROM {snap} AS a WHERE a.{KEY} = st.row_key)
+                """
+            ),
+            params,
+        )
+        # Then the rows to send are numbered and fetch their values by key: the model's
+        # columns from the snapshot, and a deleted row's last JSON from the state.
+        conn.execute(
+            sa.text(
+                f"""
+                CREATE TABLE {table} AS
+                WITH decided AS (
+                    SELECT d.*, {held} AS _kp_held,
+                        (d._kp_kind IN ({selected_kinds}) AND NOT {held}) AS _kp_send
+                    FROM {diff} AS d {held_join}
+                )
+                SELECT
+                    CASE WHEN d._kp_send
+                        THEN row_number() OVER (PARTITION BY d._kp_send ORDER BY d.{KEY})
+                    END AS _kp_seq,
+                    d._kp_send, d._kp_held, d._kp_kind, d._kp_hash, d.{KEY}, d.{PARTITION},
+                    st.row_json AS _kp_row_json, {", ".join(f"s.{wh.quote(c)}" for c in columns)}
+                FROM decided AS d
+                LEFT JOIN {snap} AS s ON s.{KEY} = d.{KEY} AND d._kp_kind <> 'deleted'
+                    {"AND s." + PARTITION + " = :partition" if partition else ""}
+                LEFT JOIN {state} AS st ON st.row_key = d.{KEY} AND d._kp_kind = 'deleted'
+                """
+            ),
+            params,
+        )
+        conn.execute(sa.text(f"DROP TABLE {diff}"))
         if wh.dialect == "postgresql":
             conn.execute(sa.text(f"CREATE INDEX ON {table} (_kp_seq)"))
-        if acknowledge:  # `plan` only looks
-            _acknowledge(wh, conn, sync.name, table, columns)
         counts = conn.execute(
             sa.text(f"SELECT _kp_kind, _kp_send, _kp_held, count(*) FROM {table} GROUP BY 1, 2, 3")
         ).all()
-    by_kind: dict[str, int] = {}
-    selected: dict[str, int] = {}
-    held_invalid = acknowledged = 0
-    for kind, send, is_held, count in counts:
-        by_kind[kind] = by_kind.get(kind, 0) + int(count)
-        if send:
-            selected[kind] = selected.get(kind, 0) + int(count)
-        elif is_held:
-            held_invalid += int(count)
-        else:
-            acknowledged += int(count)
+        by_kind: dict[str, int] = {}
+        selected: dict[str, int] = {}
+        held_invalid = acknowledged = 0
+        for kind, send, is_held, count in counts:
+            by_kind[kind] = by_kind.get(kind, 0) + int(count)
+            if send:
+                selected[kind] = selected.get(kind, 0) + int(count)
+            elif is_held:
+                held_invalid += int(count)
+            else:
+                acknowledged += int(count)
+        if acknowledge and acknowledged:  # `plan` only looks; nothing to record costs nothing
+            _acknowledge(wh, conn, sync.name, table, columns)
     return ChangeSet(sync.name, by_kind, selected, held_invalid, acknowledged)
 
 

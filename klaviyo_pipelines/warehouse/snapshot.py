@@ -91,12 +91,16 @@ def take_snapshot(
         if partition is None:
             staging = f"{final}__new"
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.table(staging)}"))
-            conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"), bound)
+            with wh.uncompressed(conn):
+                conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"), bound)
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
             conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
             _index(wh, conn, table, model.partitioned)
         else:
-            _replace_partition(wh, conn, model, columns, (select, bound), partition, config_path)
+            with wh.uncompressed(conn):
+                _replace_partition(
+                    wh, conn, model, columns, (select, bound), partition, config_path
+                )
         _record_bad_keys(wh, conn, model.name, partition)
         scope, params = _scope(partition)
         rows = conn.execute(sa.text(f"SELECT count(*) FROM {table} {scope}"), params).scalar()
