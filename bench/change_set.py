@@ -307,8 +307,8 @@ def baseline_skip_reason(rows: int) -> str | None:
     if needed_kb <= available_kb / 2:
         return None
     return (
-        f"baseline skipped: it would need ~{needed_kb / 2**20:.0f} GB of RAM, "
-        f"{available_kb / 2**20:.0f} GB available"
+        f"baseline skipped: needs ~{needed_kb / 2**20:.0f} GB, "
+        f"over half of {available_kb / 2**20:.0f} GB available"
     )
 
 
@@ -334,9 +334,9 @@ def report(columns: int, cases: list[dict[str, Any]]) -> None:
     console.print(cases[0]["about"].split("\n")[0])
     console.print(cases[-1]["about"].split("\n")[1])
     table = Table("case", "phase", "seconds", "peak RSS MB", "of which imports MB")
-    table.columns[1].no_wrap = True
+    table.columns[0].no_wrap = table.columns[1].no_wrap = True
     for case in cases:
-        name = f"{case['rows']:,} rows, {case['warehouse']}"
+        name = f"{case['rows'] / 1e6:g}M rows, {case['warehouse']}"
         results = case["results"]
         for phase, result in results.items():
             table.add_row(
