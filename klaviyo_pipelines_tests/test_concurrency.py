@@ -202,3 +202,32 @@ def test_the_lock_can_be_waited_for_and_days_of_a_sync_run_side_by_side(warehous
     ):
         pass
     wh.dispose()
+
+
+def test_a_duckdb_file_another_process_holds_is_waited_for(tmp_path) -> None:
+    """A sensor tick reading the file while a run writes (each its own process) must not fail
+    either: DuckDB refuses a second process at once, so our connection waits its turn."""
+    path = tmp_path / "warehouse.duckdb"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+            "c.execute('CREATE TABLE t AS SELECT 42 AS x'); print('held', flush=True); "
+            "time.sleep(1.5); c.close()",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        wh = Warehouse(f"duckdb:///{path}")
+        started = time.monotonic()
+        with wh.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT x FROM t").scalar() == 42
+        waited = time.monotonic() - started
+        wh.dispose()
+    finally:
+        holder.wait(timeout=30)
+    assert 0.3 < waited < 30, f"waited {waited:.2f} s for the other process to let go"

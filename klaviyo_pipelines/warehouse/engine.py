@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from klaviyo_pipelines.config import ModelSpec
 
@@ -25,6 +26,21 @@ DUCKDB_SETTINGS = {
     "preserve_insertion_order": False,
     "memory_limit": "1GB",
 }
+# How long a DuckDB connection waits for another process (a sensor tick, a run) to release the
+# file before failing: every use holds it for one statement or one batch's transaction.
+DUCKDB_FILE_WAIT_SECONDS = 60.0
+
+
+def _file_held_by_another_process(exc: BaseException) -> bool:
+    return "Could not set lock on file" in str(exc)
+
+
+_wait_for_duckdb_file = retry(
+    retry=retry_if_exception(_file_held_by_another_process),
+    wait=wait_random_exponential(multiplier=0.05, max=1.0),
+    stop=stop_after_delay(DUCKDB_FILE_WAIT_SECONDS),
+    reraise=True,
+)
 
 
 class Warehouse:
@@ -42,6 +58,12 @@ class Warehouse:
         )
         self.engine: Engine = sa.create_engine(url, **kwargs)
         self.dialect = self.engine.dialect.name
+        if self.dialect == "duckdb":
+            # Another process holding the file (a sensor reading it while a run writes) is a
+            # matter of a moment: wait for it rather than fail the run or the tick.
+            @sa.event.listens_for(self.engine, "do_connect")
+            def _connect_when_free(dialect, _record, cargs, cparams):  # type: ignore[no-untyped-def]
+                return _wait_for_duckdb_file(dialect.connect)(*cargs, **cparams)
 
     def __repr__(self) -> str:
         return f"Warehouse({self.engine.url.render_as_string(hide_password=True)!r})"

@@ -9,7 +9,7 @@ run holds a lock for its whole length, in up to three layers:
 - on PostgreSQL, a session advisory lock on a hash of the schema and the sync, held on its own
   connection outside any transaction, so the delivery transactions commit freely while it is
   held; PostgreSQL releases it when that connection ends, also when the process is killed;
-- on a DuckDB file, an exclusive `flock` on `<file>.<schema>.<sync>.lock` beside it: DuckDB's
+- on a DuckDB file, an exclusive `flock` on `<file>.locks/<schema>.<sync>.lock`: DuckDB's
   own file lock lasts one connection, and connections are released between statements so that
   other processes can read, which would let two processes' runs interleave. The kernel drops
   the flock when the process dies.
@@ -71,7 +71,9 @@ def sync_lock(
             stack.enter_context(_advisory_lock(wh, name, label, deadline))
         elif (database := duckdb_file(wh)) is not None:
             stem = sync if partition is None else f"{sync}.{_digest(partition)}"
-            path = database.with_name(f"{database.name}.{wh.state_schema}.{stem}.lock")
+            locks = database.with_name(f"{database.name}.locks")  # one folder, not dozens of files
+            locks.mkdir(exist_ok=True)
+            path = locks / f"{wh.state_schema}.{stem}.lock"
             stack.enter_context(_file_lock(path, label, deadline))
         yield
 
