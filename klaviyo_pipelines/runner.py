@@ -25,6 +25,7 @@ from klaviyo_pipelines.actions.factory import build_action
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.values import dumps, json_value
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
+from klaviyo_pipelines.delivery import InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.errors import (
     AuthError,
@@ -52,6 +53,9 @@ MAX_SAMPLES = 20
 KEY_PROBLEM_HASH = "primary_key"  # ledger rows about the key itself, replaced every run
 NULL_KEY = "<NULL>"
 SPLIT_STATUSES = frozenset({400, 413, 422})  # Klaviyo refused the payload, not the request
+# Rows read from the change set at once: small batches (events, consent) share a page, so
+# the warehouse is not queried once per 100-row request.
+MIN_PAGE_ROWS = 2_000
 
 
 @dataclass
@@ -295,32 +299,59 @@ def _deliver_all(
     report: SyncReport,
     on_batch: BatchCallback | None,
 ) -> None:
+    """Prepare and send page after page, several batches in flight, each outcome committed as
+    its batch finishes (batches that finished together in one transaction). After the first
+    batch that could not finish, nothing more is sent; the batches already in flight are
+    awaited and committed, then the run fails with that error."""
     action, sync = prepared.action, prepared.sync
+    page_size = max(action.batch_size, MIN_PAGE_ROWS)
     pages = iter_changes(
-        wh, sync.name, prepared.columns, page_size=action.batch_size, partition=prepared.partition
+        wh, sync.name, prepared.columns, page_size=page_size, partition=prepared.partition
     )
-    for page in pages:
-        page = action.enrich(wh, page)
-        items: list[Prepared] = []
-        invalid: list[Failure] = []
-        for row in page:
-            try:
-                items.append(action.prepare(row))
-            except InvalidRow as exc:
-                invalid.append(
-                    Failure(row.key, row.row_hash, FailureKind.INVALID, exc.field, exc.reason)
-                )
-                report.rejected[row.kind.value] += 1
-                report.sample(row.key, row.kind.value, exc.field, exc.reason)
-        record_failures(wh, sync.name, invalid)
-        for batch in action.batches(items):
-            result = deliver_batch(action, client, batch)
-            _commit(wh, sync.name, result, report)
+    error: KlaviyoError | None = None
+
+    def commit(results: Sequence[BatchResult]) -> None:
+        nonlocal error
+        if not results:
+            return
+        merged = BatchResult()
+        for result in results:
+            merged.merge(result)
+        _commit(wh, sync.name, merged, report)
+        for result in results:
             if on_batch:
                 on_batch(report, result)
-            if result.error:
-                report.fail(result.error)
-                return
+            error = error or result.error
+
+    def send(batch: Sequence[Prepared]) -> BatchResult:
+        return deliver_batch(action, client, batch)
+
+    with InFlight(send, in_flight_width(action.batch_size)) as flight:
+        for page in pages:
+            page = action.enrich(wh, page)
+            items: list[Prepared] = []
+            invalid: list[Failure] = []
+            for row in page:
+                try:
+                    items.append(action.prepare(row))
+                except InvalidRow as exc:
+                    invalid.append(
+                        Failure(row.key, row.row_hash, FailureKind.INVALID, exc.field, exc.reason)
+                    )
+                    report.rejected[row.kind.value] += 1
+                    report.sample(row.key, row.kind.value, exc.field, exc.reason)
+            record_failures(wh, sync.name, invalid)
+            for batch in action.batches(items):
+                commit(flight.make_room())
+                if error:
+                    break
+                flight.submit(batch)
+            if error:
+                break
+        for result in flight.drain():
+            commit([result])
+    if error:
+        report.fail(error)
 
 
 def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:

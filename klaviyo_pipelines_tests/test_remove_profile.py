@@ -260,7 +260,7 @@ def test_a_profile_gone_between_lookup_and_delete_is_left_out(sandbox):
     action = build_action(config.syncs["leavers"], COLUMNS, config.path)
     assert isinstance(action, RemoveProfile)
     with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url) as client:
-        gone = action._remove(client, [ids[0], "01HZZZZZZZZZZZZZZZZZZZZZZZ", ids[1]])
+        gone = action._remove(client, action.path, [ids[0], "01HZZZZZZZZZZZZZZZZZZZZZZZ", ids[1]])
     assert gone == {"01HZZZZZZZZZZZZZZZZZZZZZZZ"}
     assert sandbox.state.list_members(list_id) == set()
     assert [r.status for r in requests(sandbox, "DELETE", "/api/lists/")] == [400, 204]

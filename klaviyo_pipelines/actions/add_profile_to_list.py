@@ -9,6 +9,7 @@ mixes audiences, since a bulk import names one list.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import groupby
@@ -40,6 +41,7 @@ class AddProfileToList(UpsertProfile):
         self.list_id = PENDING_LIST
         self.targets: dict[str, RememberedList] = {}
         self.wh: Warehouse | None = None
+        self._targets_lock = threading.Lock()  # batches are sent from several threads
 
     def before_send(
         self,
@@ -58,6 +60,10 @@ class AddProfileToList(UpsertProfile):
         """Nothing to check: `before_send` found or created the list."""
 
     def target(self, client: KlaviyoClient, audience: str) -> RememberedList:
+        with self._targets_lock:  # two batches of a new audience must not both create its list
+            return self._target(client, audience)
+
+    def _target(self, client: KlaviyoClient, audience: str) -> RememberedList:
         if audience not in self.targets:
             assert self.wh is not None, "before_send runs before the first batch"
             found = audience_list(self.wh, client, self.sync, audience, self.lists, create=True)
@@ -72,8 +78,12 @@ class AddProfileToList(UpsertProfile):
     def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
         audience = batch[0].row.partition
         assert audience is not None, "rows without an audience key never enter a change set"
-        self.list_id = self.target(client, audience).list_id
+        self.target(client, audience)
         return super().send(client, batch)
+
+    def list_for(self, batch: Sequence[Prepared]) -> str | None:
+        found = self.targets.get(batch[0].row.partition or "") if batch else None
+        return found.list_id if found else self.list_id
 
 
 ACTION = AddProfileToList

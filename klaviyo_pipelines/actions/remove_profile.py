@@ -88,6 +88,11 @@ class RemoveProfile(Action):
     def path(self) -> str:
         return f"/api/lists/{self.list_id}/relationships/profiles"
 
+    def path_for(self, batch: Sequence[Prepared]) -> str:
+        """Where a batch's removals go (Engage picks the list per audience); read per batch,
+        never from a field set by `send`, since batches are sent from several threads."""
+        return self.path
+
     def prepare(self, row: ChangeRow) -> Prepared:
         identifiers = read_identifiers(row.values, self.mapping, self.country)
         item = identifiers.present()
@@ -112,7 +117,11 @@ class RemoveProfile(Action):
         return dumps(
             {
                 "lookup": lookups,
-                "remove": {"method": "DELETE", "path": self.path, "body": {"data": placeholders}},
+                "remove": {
+                    "method": "DELETE",
+                    "path": self.path_for(batch),
+                    "body": {"data": placeholders},
+                },
             }
         )
 
@@ -134,7 +143,7 @@ class RemoveProfile(Action):
         try:
             for start in range(0, len(ids), MAX_IDS):
                 chunk = ids[start : start + MAX_IDS]
-                gone |= self._remove(client, chunk)
+                gone |= self._remove(client, self.path_for(batch), chunk)
                 done.update(chunk)
         except KlaviyoError as exc:
             result.error = exc
@@ -153,7 +162,7 @@ class RemoveProfile(Action):
         for index, item in enumerate(batch):
             try:
                 (row_ids,) = lookup_profile_ids(client, [Identifiers(**item.item)])
-                gone = self._remove(client, row_ids) if row_ids else set()
+                gone = self._remove(client, self.path_for([item]), row_ids) if row_ids else set()
             except AuthError as exc:
                 result.unsent += list(batch[index:])
                 result.error = exc
@@ -170,7 +179,7 @@ class RemoveProfile(Action):
                 result.not_found.append(item)
         return result
 
-    def _remove(self, client: KlaviyoClient, ids: list[str]) -> set[str]:
+    def _remove(self, client: KlaviyoClient, path: str, ids: list[str]) -> set[str]:
         """DELETE `ids` from the list; returns those Klaviyo says no longer exist.
 
         A profile can be deleted or merged between the lookup and the DELETE: Klaviyo then
@@ -179,7 +188,7 @@ class RemoveProfile(Action):
         pending, gone = list(ids), set()
         while pending:
             try:
-                client.delete(self.path, {"data": [{"type": "profile", "id": p} for p in pending]})
+                client.delete(path, {"data": [{"type": "profile", "id": p} for p in pending]})
                 break
             except PermanentError as exc:
                 bad = {

@@ -11,6 +11,7 @@ Before anything is sent, the exit guard refuses a run that would take more than
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import groupby
@@ -49,6 +50,7 @@ class RemoveProfileFromList(RemoveProfile):
         self.sync = sync
         self.targets: dict[str, RememberedList | None] = {}
         self.wh: Warehouse | None = None
+        self._targets_lock = threading.Lock()  # batches are sent from several threads
 
     def before_send(
         self,
@@ -70,6 +72,10 @@ class RemoveProfileFromList(RemoveProfile):
         """Nothing to check: each audience's list is looked up when its exits are sent."""
 
     def target(self, client: KlaviyoClient, audience: str) -> RememberedList | None:
+        with self._targets_lock:
+            return self._target(client, audience)
+
+    def _target(self, client: KlaviyoClient, audience: str) -> RememberedList | None:
         if audience not in self.targets:
             assert self.wh is not None, "before_send runs before the first batch"
             self.targets[audience] = audience_list(
@@ -87,8 +93,11 @@ class RemoveProfileFromList(RemoveProfile):
         found = self.target(client, audience)
         if found is None:  # the audience never got a list: none of its exits is in one
             return BatchResult(delivered=list(batch), not_found=list(batch))
-        self.list_id = found.list_id
         return super().send(client, batch)
+
+    def path_for(self, batch: Sequence[Prepared]) -> str:
+        found = self.targets.get(batch[0].row.partition or "") if batch else None
+        return f"/api/lists/{found.list_id}/relationships/profiles" if found else self.path
 
 
 ACTION = RemoveProfileFromList

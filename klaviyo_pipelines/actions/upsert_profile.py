@@ -66,6 +66,7 @@ class UpsertProfile(Action):
             sync, PROFILE_BULK_IMPORT.max_items or 10_000, config_path
         )
         self.job_timeout = float(settings.get("job_timeout_seconds", 900))
+        self._job_seconds = 0.0  # how long recent jobs took: when to poll a new one first
 
     @property
     def columns(self) -> set[str]:
@@ -95,14 +96,18 @@ class UpsertProfile(Action):
         # Single mode sends one request per row; batches only group the list additions.
         return _chunks(list(items), self.batch_size)
 
+    def list_for(self, batch: Sequence[Prepared]) -> str | None:
+        """The list a batch's profiles join (Engage picks one per audience); read per batch,
+        never from a field set by `send`, since batches are sent from several threads."""
+        return self.list_id
+
     def request_body(self, batch: Sequence[Prepared]) -> bytes:
         if not self.batch_mode:
             return dumps({"data": batch[0].item}) if batch else b""
+        list_id = self.list_for(batch)
         relationships = (
-            b',"relationships":{"lists":{"data":['
-            + dumps({"type": "list", "id": self.list_id})
-            + b"]}}"
-            if self.list_id
+            b',"relationships":{"lists":{"data":[' + dumps({"type": "list", "id": list_id}) + b"]}}"
+            if list_id
             else b""
         )
         return (
@@ -153,21 +158,27 @@ class UpsertProfile(Action):
         return result
 
     def _wait_for_job(self, client: KlaviyoClient, job_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.job_timeout
-        delay = 0.05
+        """Poll until the job ends. Polls share the submits' rate budget, so the first one
+        waits as long as recent jobs took (one poll per job when jobs take a steady time)."""
+        started = time.monotonic()
+        deadline = started + self.job_timeout
+        delay = self._job_seconds
         while True:
+            if delay > 0:
+                time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
             job = client.get(f"/api/profile-bulk-import-jobs/{job_id}")["data"]["attributes"]
             if job["status"] in ("complete", "cancelled"):
+                took, known = time.monotonic() - started, self._job_seconds
+                self._job_seconds = 0.8 * known + 0.2 * took if known else took
                 return job
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() >= deadline:
                 raise JobTimeout(
                     method="GET",
                     path=f"/api/profile-bulk-import-jobs/{job_id}",
                     reason=f"bulk import job {job_id} still {job['status']!r} after "
                     f"{self.job_timeout:.0f} s",
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(max(delay * 2, 0.05), 5.0)
 
     def _import_errors(
         self, client: KlaviyoClient, job_id: str, batch: Sequence[Prepared]
@@ -228,11 +239,12 @@ class UpsertProfile(Action):
                 result.error = exc
                 break
         sent = {i: batch[i] for i in profile_ids}
-        if self.list_id and profile_ids:
+        list_id = self.list_for(batch)
+        if list_id and profile_ids:
             try:
                 for chunk in _chunks(list(profile_ids.items()), LIST_MEMBERSHIP.max_items or 1000):
                     client.post(
-                        f"/api/lists/{self.list_id}/relationships/profiles",
+                        f"/api/lists/{list_id}/relationships/profiles",
                         json={"data": [{"type": "profile", "id": pid} for _, pid in chunk]},
                     )
             except KlaviyoError as exc:

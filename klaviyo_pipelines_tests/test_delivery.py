@@ -1,0 +1,213 @@
+"""Batches in flight: several at once, yet nothing recorded before Klaviyo confirmed it.
+
+The window itself is tested with a send function that blocks until the test lets it go, so
+what is in flight at each moment is known exactly; the runner is tested over real HTTP to the
+sandbox (bulk import jobs kept `processing` long enough for a second job to be submitted).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from itertools import pairwise
+
+import sqlalchemy as sa
+
+from klaviyo_pipelines.actions.base import BatchResult, Prepared
+from klaviyo_pipelines.delivery import InFlight, in_flight_width
+from klaviyo_pipelines.klaviyo.client import KlaviyoClient
+from klaviyo_pipelines.klaviyo.errors import TransientError
+from klaviyo_pipelines.runner import SyncReport, run_sync
+from klaviyo_pipelines.sandbox import Fault, Sandbox
+from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.snapshot import take_snapshot
+from klaviyo_pipelines.warehouse.state import state_table
+from klaviyo_pipelines_tests.conftest import TEST_API_KEY
+from klaviyo_pipelines_tests.test_upsert_profile_sync import config_for, customers, load
+
+BULK = "/api/profile-bulk-import-jobs"
+
+
+class Gate:
+    """A send function whose calls block until released; it counts what is in flight."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.started = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.fail: set[int] = set()
+
+    def __call__(self, batch: Sequence[Prepared]) -> BatchResult:
+        number = len(batch)  # the tests pass batches of distinct lengths as names
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        self.started.release()
+        self.release.acquire()
+        with self.lock:
+            self.running -= 1
+        if number in self.fail:
+            error = TransientError(method="POST", path="/x", reason="down")
+            return BatchResult(unsent=list(batch), error=error)
+        return BatchResult(delivered=list(batch))
+
+
+def batch(n: int) -> list[Prepared]:
+    return [None] * n  # type: ignore[list-item]  # the gate only counts them
+
+
+def test_window_starts_at_one_batch_and_doubles_with_each_success() -> None:
+    gate = Gate()
+    finished: list[BatchResult] = []
+    with InFlight(gate, width=4) as flight:
+        flight.submit(batch(1))
+        gate.started.acquire()  # batch 1 is being sent
+        room = threading.Thread(target=lambda: finished.extend(flight.make_room()))
+        room.start()
+        room.join(0.2)
+        assert room.is_alive(), "a second batch waits until the first one succeeded"
+        gate.release.release()
+        room.join(5)
+        assert not room.is_alive() and [len(r.delivered) for r in finished] == [1]
+        flight.submit(batch(2))
+        assert flight.make_room() == []  # two may now be in flight at once
+        flight.submit(batch(3))
+        gate.started.acquire()
+        gate.started.acquire()
+        assert gate.running == 2
+        for _ in range(2):
+            gate.release.release()
+        results = list(flight.drain())
+    assert sorted(len(r.delivered) for r in results) == [2, 3]
+    assert gate.peak == 2
+
+
+def test_window_never_exceeds_its_width() -> None:
+    gate = Gate()
+    with InFlight(gate, width=3) as flight:
+        done: list[BatchResult] = []
+        releaser = threading.Thread(
+            target=lambda: [gate.release.release() for _ in range(12)], daemon=True
+        )
+        for n in range(1, 13):
+            if n == 2:
+                releaser.start()
+            done += flight.make_room()
+            flight.submit(batch(n))
+        done += list(flight.drain())
+    assert len(done) == 12
+    assert gate.peak <= 3
+
+
+def test_a_failed_batch_stops_the_window_from_growing() -> None:
+    gate = Gate()
+    gate.fail = {1}
+    with InFlight(gate, width=4) as flight:
+        flight.submit(batch(1))
+        gate.release.release()
+        finished = flight.make_room()
+        while not finished:
+            finished = flight.make_room()
+        assert finished[0].error is not None
+        # still one at a time: the next batch is sent only once the window has room again
+        flight.submit(batch(2))
+        assert flight.pending == 1
+        gate.release.release()
+        list(flight.drain())
+    assert gate.peak == 1
+
+
+def test_width_bounds_rows_in_flight() -> None:
+    assert in_flight_width(10_000) == 3
+    assert in_flight_width(1_000) == 8
+    assert in_flight_width(100_000) == 2
+
+
+# ---- the runner, over real HTTP ---------------------------------------------------------------
+
+
+def run(config, wh: Warehouse, sandbox: Sandbox, on_batch=None, **options) -> SyncReport:
+    take_snapshot(wh, config.models["customers"], config.path)
+    options = {"max_backoff": 0.2, **options}
+    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, **options) as client:
+        return run_sync(config, "profiles", wh, client, on_batch=on_batch)
+
+
+def delivered_keys(wh: Warehouse) -> set[str]:
+    with wh.engine.connect() as conn:
+        table = wh.table(state_table("profiles"))
+        return set(conn.execute(sa.text(f"SELECT row_key FROM {table}")).scalars())
+
+
+def test_jobs_overlap_and_rows_are_recorded_only_once_their_job_completed(duckdb_url) -> None:
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(600))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=0.3) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        unconfirmed: list[str] = []
+
+        def check(report: SyncReport, result: BatchResult) -> None:
+            # whenever a batch is committed, every row in the state was imported by Klaviyo
+            with sandbox.state.lock:
+                imported = {p.external_id for p in sandbox.state.profiles.values()}
+            unconfirmed.extend(delivered_keys(wh) - imported)
+
+        report = run(config, wh, sandbox, on_batch=check)
+        assert report.status == "success" and sum(report.delivered.values()) == 600
+        assert unconfirmed == []
+        # a job was submitted while another one was still queued or processing
+        jobs = sorted(sandbox.state.jobs.values(), key=lambda job: job.created_at)
+        assert len(jobs) == 6
+        assert any(
+            later.created_at < earlier.completed_at
+            for earlier, later in pairwise(jobs)
+            if earlier.completed_at
+        )
+        # polls follow the jobs' duration: after the first job, about one poll per job, where
+        # the doubling from 50 ms alone made five per job of this length
+        polls = [
+            r for r in sandbox.state.requests if r.method == "GET" and r.path.startswith(BULK + "/")
+        ]
+        assert len(polls) <= 5 + 2 * 5, len(polls)
+    wh.engine.dispose()
+
+
+def test_a_failure_mid_run_records_only_confirmed_batches(duckdb_url) -> None:
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(800))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=0.1) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        # the 4th submit and every one after it fail: three jobs at most complete
+        seen = {"posts": 0}
+        original = sandbox.faults.pick
+
+        def pick(method: str, path: str):
+            if method == "POST" and path.startswith(BULK):
+                seen["posts"] += 1
+                if seen["posts"] >= 4:
+                    return Fault(kind="status", status=503, count=None)
+            return original(method, path)
+
+        sandbox.faults.pick = pick  # type: ignore[method-assign]
+        report = run(config, wh, sandbox, max_attempts=2)
+        assert report.status == "failed" and "503" in (report.error or "")
+        recorded = delivered_keys(wh)
+        in_klaviyo = {p.external_id for p in sandbox.state.profiles.values()}
+        assert recorded <= in_klaviyo and len(recorded) == 300
+        assert sum(report.retryable.values()) + len(recorded) <= 800
+    wh.engine.dispose()
+
+
+def test_pacing_with_batches_in_flight_stays_under_the_limits(duckdb_url) -> None:
+    """Six imports a window allowed (burst 10/s, steady 150/m at scale 25): no 429."""
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(1500))
+    with Sandbox(api_key=TEST_API_KEY, time_scale=25) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 50}")
+        report = run(config, wh, sandbox, time_scale=25)
+        assert report.status == "success" and sum(report.delivered.values()) == 1500
+        assert report.rate_limited == 0
+        assert not any(r.status == 429 for r in sandbox.state.requests)
+    wh.engine.dispose()
