@@ -175,14 +175,16 @@ def lookup_requests(wanted: Sequence[Identifiers]) -> list[tuple[str, dict[str, 
 
 
 def filter_expressions(field: str, values: Sequence[str]) -> Iterator[str]:
-    """`any(field,["a","b",...])` filters covering `values`, each within MAX_FILTER_CHARS."""
+    """`any(field,["a","b",...])` filters covering `values`, each within MAX_FILTER_CHARS and
+    at most a page of values: lookups share a tight rate limit, and a filter of 147 values
+    would cost two requests (100 + 47) where 100 values cost one."""
     head = f"any({field},["
     chunk: list[str] = []
     size = len(quote(head + "])", safe=""))
     for value in values:
         literal = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         cost = len(quote(literal, safe="")) + len(quote(",", safe=""))
-        if chunk and size + cost > MAX_FILTER_CHARS:
+        if chunk and (size + cost > MAX_FILTER_CHARS or len(chunk) >= PAGE_SIZE):
             yield head + ",".join(chunk) + "])"
             chunk, size = [], len(quote(head + "])", safe=""))
         chunk.append(literal)
