@@ -2,7 +2,7 @@
 
 Both the client (to pace itself) and the sandbox (to enforce limits) read this table, so the
 two can never disagree. Figures are from Klaviyo's OpenAPI (`x-klaviyo-ratelimit`, revision
-2026-07-15), summarised in docs/klaviyo-limits.md.
+2026-07-15), listed in docs/operations.md (Rate limits), which a test keeps equal to this table.
 """
 
 from __future__ import annotations
