@@ -274,12 +274,12 @@ def event_time(value: Any, now: datetime | None = None) -> str | None:
         moment = moment.astimezone(UTC).replace(microsecond=0)
     except (OverflowError, ValueError):
         raise InvalidRow("time", f"{value!r} cannot be expressed in UTC") from None
-    text = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     if not EARLIEST <= moment <= (now or datetime.now(UTC)) + MAX_AHEAD:
+        text = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         raise InvalidRow(
             "time", f"{text} is outside Klaviyo's range: from 1990 to one year from now"
         )
-    return text
+    return moment.isoformat()[:19] + "Z"  # 4-digit year from 1990: strftime's text, faster
 
 
 def event_value(value: Any) -> int | float | None:

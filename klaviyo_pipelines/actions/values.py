@@ -1,7 +1,9 @@
 """Warehouse values to JSON: every type a driver hands us becomes what Klaviyo expects.
 
-Decimals become numbers, datetimes ISO-8601 UTC, bytes base64, NaN and infinities null;
-serialising is strict (`allow_nan=False`), so nothing Klaviyo would refuse leaves here.
+Decimals become numbers, datetimes ISO-8601 UTC, bytes base64, NaN and infinities null.
+Every row's payload passes through here, so the common types (text, numbers, naive
+timestamps) take a dispatch on their exact type before the general `isinstance` checks, and
+serialising is orjson's (about 10x the standard library's speed).
 """
 
 from __future__ import annotations
@@ -10,38 +12,75 @@ import base64
 import json
 import math
 import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 _MAX_INT_DIGITS = 300  # longer integral decimals go as doubles (null beyond a double's range)
 
 
 def json_value(value: Any) -> Any:
     """A JSON-safe equivalent of a warehouse value (None for NULL, NaN and infinities)."""
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    convert = _BY_TYPE.get(kind)
+    return convert(value) if convert else _by_isinstance(value)
+
+
+def _float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _decimal(value: Decimal) -> int | float | None:
+    if not value.is_finite():
+        return None
+    if -_MAX_INT_DIGITS < value.adjusted() < _MAX_INT_DIGITS:
+        # Exact fraction, then int / int, which Python rounds correctly like float(value)
+        # does, at half the cost of float(value)'s trip through text.
+        numerator, denominator = value.as_integer_ratio()
+        return numerator if denominator == 1 else numerator / denominator
+    if value == value.to_integral_value() and value.adjusted() < _MAX_INT_DIGITS:
+        return int(value)
+    number = float(value)  # beyond a double's range: infinite, so null like Infinity
+    return number if math.isfinite(number) else None
+
+
+def _bytes(value: bytes | bytearray | memoryview) -> str:
+    return base64.b64encode(bytes(value)).decode("ascii")
+
+
+def _dict(value: dict[Any, Any]) -> dict[str, Any]:
+    return {str(k): json_value(v) for k, v in value.items()}
+
+
+def _list(value: Any) -> list[Any]:
+    return [json_value(v) for v in value]
+
+
+def _by_isinstance(value: Any) -> Any:
+    """Subclasses of the types above (an IntEnum, a pandas Timestamp), numpy scalars, others."""
     if value is None or isinstance(value, bool | str | int):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return _float(value)
     if isinstance(value, Decimal):
-        if not value.is_finite():
-            return None
-        if value == value.to_integral_value() and value.adjusted() < _MAX_INT_DIGITS:
-            return int(value)
-        number = float(value)  # beyond a double's range: infinite, so null like Infinity
-        return number if math.isfinite(number) else None
+        return _decimal(value)
     if isinstance(value, datetime):
         return iso_datetime(value)
     if isinstance(value, date | time):
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode("ascii")
+        return _bytes(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
+        return _dict(value)
     if isinstance(value, list | tuple | set | frozenset):
-        return [json_value(v) for v in value]
+        return _list(value)
     if hasattr(value, "item"):  # numpy and pandas scalars
         return json_value(value.item())
     return str(value)
@@ -50,13 +89,39 @@ def json_value(value: Any) -> Any:
 def iso_datetime(value: datetime) -> str:
     """ISO-8601 in UTC; a naive datetime is taken to be UTC already, as warehouses store it."""
     if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    try:
-        value = value.astimezone(UTC)
-    except OverflowError:  # year 1 east of UTC, year 9999 west of it: keep the offset
-        return value.isoformat()
+        return value.isoformat() + "Z"
+    if value.tzinfo is not UTC:
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:  # year 1 east of UTC, year 9999 west of it: keep the offset
+            return value.isoformat()
     return value.isoformat().replace("+00:00", "Z")
 
 
+_AS_IS = frozenset({type(None), bool, str, int})
+_BY_TYPE: dict[type, Callable[[Any], Any]] = {
+    float: _float,
+    Decimal: _decimal,
+    datetime: iso_datetime,
+    date: date.isoformat,
+    time: time.isoformat,
+    bytes: _bytes,
+    bytearray: _bytes,
+    memoryview: _bytes,
+    uuid.UUID: str,
+    dict: _dict,
+    list: _list,
+    tuple: _list,
+    set: _list,
+    frozenset: _list,
+}
+
+
 def dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Compact UTF-8 JSON of a payload made of `json_value` results."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the standard library writes it
+        return json.dumps(
+            payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
