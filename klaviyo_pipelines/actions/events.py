@@ -68,6 +68,7 @@ SETTING_KEYS = frozenset({"batch", "batch_size", "backfill", "country_code", "va
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _BULK_HEAD = b'{"data":{"type":"event-bulk-create-job","attributes":{"events-bulk-create":{"data":['
 _BULK_TAIL = b"]}}}}"
+_BULK_ENVELOPE = len(_BULK_HEAD) + len(_BULK_TAIL)
 
 
 class SyncKeys:
@@ -403,10 +404,6 @@ def event_key(event: Mapping[str, Any]) -> tuple[str, str]:
     return attributes["metric"]["data"]["attributes"]["name"], attributes["unique_id"]
 
 
-def event_keys(entry: Mapping[str, Any]) -> set[tuple[str, str]]:
-    return {event_key(event) for event in entry_events(entry)}
-
-
 def single_bodies(entry: Mapping[str, Any]) -> list[bytes]:
     """The `POST /api/events` bodies of an entry, one per event, in order."""
     profile = entry["attributes"]["profile"]
@@ -483,18 +480,18 @@ def pack_entries(
         keys: set[tuple[str, str]] = set()
         events, size = 0, envelope
         for item in pending:
-            item_keys = event_keys(item.item)
-            if keys & item_keys:
+            item_keys = [event_key(event) for event in entry_events(item.item)]
+            if not keys.isdisjoint(item_keys):
                 deferred.append(item)
                 continue
-            count = len(entry_events(item.item))
+            count = len(item_keys)
             added = len(item.body) + (1 if batch else 0)
             if batch and (events + count > max_events or size + added > max_bytes):
                 yield batch
                 batch, keys, events, size = [], set(), 0, envelope
                 added = len(item.body)
             batch.append(item)
-            keys |= item_keys
+            keys.update(item_keys)
             events += count
             size += added
         if batch:
@@ -551,7 +548,7 @@ class EventAction(Action):
         entry = self.entry(row)
         body = dumps(entry)
         if self.mapping.batch_mode:
-            limit = (EVENT_BULK_CREATE.max_bytes or 0) - len(bulk_body([]))
+            limit = (EVENT_BULK_CREATE.max_bytes or 0) - _BULK_ENVELOPE
             if len(body) > limit:
                 raise InvalidRow(
                     None, f"events are {len(body):,} bytes; one Klaviyo request takes {limit:,}"
