@@ -317,3 +317,20 @@ syncs:
         "props.yaml",
     )
     return build_action(config.syncs["s"], ["id", "email", "phone", "ext"], config.path)
+
+
+def test_phone_verdicts_are_cached_per_raw_value_and_country() -> None:
+    """The cache of phone verdicts never lends one country's reading to another."""
+    from klaviyo_pipelines.actions.profile import normalise_phone
+
+    national = "(512) 555-0199"
+    for _ in range(2):  # the second round is answered from the cache
+        assert normalise_phone(national, "US") == "+15125550199"
+        with pytest.raises(InvalidRow) as missing:
+            normalise_phone(national, None)
+        assert missing.value.field == "phone_number"
+        assert "no country_code to read it with" in missing.value.reason
+        assert normalise_phone(f" {national} ", "US") == "+15125550199"  # stripped first
+        assert normalise_phone("+44 20 7183 8750", "US") == "+442071838750"  # '+': own country
+        with pytest.raises(InvalidRow, match=r"cannot be converted to E\.164"):
+            normalise_phone("+1 555 0100", "US")  # not a real number, cached or not

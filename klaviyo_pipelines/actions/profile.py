@@ -37,7 +37,7 @@ LOCATION_FIELDS = (
 MAX_EXTERNAL_ID = 255
 _IDENTIFIER_SET = frozenset(IDENTIFIERS)
 _COORDINATES = frozenset({"latitude", "longitude"})
-PHONE_CACHE_SIZE = 65_536  # distinct raw phone numbers remembered, ~15 MB at most
+PHONE_CACHE_SIZE = 65_536  # distinct raw phone numbers remembered, 15 to 20 MB at most
 
 # Deliberately strict: one @, a dotted domain, a TLD of 2+ letters (Klaviyo refuses `a@b.c`),
 # and no dot leading, trailing or doubled in the local part (Klaviyo refuses `a.@b.co`).
