@@ -180,14 +180,16 @@ def compute_change_set(
                     SELECT d.*, {held} AS _kp_held,
                         (d._kp_kind IN ({selected_kinds}) AND NOT {held}) AS _kp_send
                     FROM {diff} AS d {held_join}
+                ), numbered AS (  -- numbered while narrow: after the joins it sorts whole rows
+                    SELECT n.*, CASE WHEN n._kp_send
+                        THEN row_number() OVER (PARTITION BY n._kp_send ORDER BY n.{KEY})
+                    END AS _kp_seq
+                    FROM decided AS n
                 )
                 SELECT
-                    CASE WHEN d._kp_send
-                        THEN row_number() OVER (PARTITION BY d._kp_send ORDER BY d.{KEY})
-                    END AS _kp_seq,
-                    d._kp_send, d._kp_held, d._kp_kind, d._kp_hash, d.{KEY}, d.{PARTITION},
+                    d._kp_seq, d._kp_send, d._kp_held, d._kp_kind, d._kp_hash, d.{KEY}, d.{PARTITION},
                     st.row_json AS _kp_row_json, {", ".join(f"s.{wh.quote(c)}" for c in columns)}
-                FROM decided AS d
+                FROM numbered AS d
                 LEFT JOIN {snap} AS s ON s.{KEY} = d.{KEY} AND d._kp_kind <> 'deleted'
                     {"AND s." + PARTITION + " = :partition" if partition else ""}
                 LEFT JOIN {state} AS st ON st.row_key = d.{KEY} AND d._kp_kind = 'deleted'
