@@ -152,3 +152,28 @@ def test_config_path_comes_from_environment_then_cwd_then_bundled_demo(
     other.write_text(BASE)
     monkeypatch.setenv("KLAVIYO_PIPELINES_CONFIG", str(other))
     assert load_config().path == str(other)
+
+
+@pytest.mark.parametrize(
+    ("action", "settings", "key", "words"),
+    [
+        ("upsert_profile", '{batch: "false"}', "batch", "must be true or false"),
+        ("remove_profile", '{batch: "no", list_id: L1}', "batch", "must be true or false"),
+        ("subscribe_profile", "{batch: 1, list_id: L1}", "batch", "must be true or false"),
+        ("upsert_profile", "{job_timeout_seconds: soon}", "job_timeout_seconds", "positive"),
+        ("upsert_profile", "{job_timeout_seconds: 0}", "job_timeout_seconds", "positive"),
+    ],
+)
+def test_setting_types_are_checked_by_every_action(action, settings, key, words) -> None:
+    """A quoted "false" is a string, which Python reads as true: refused, not obeyed backwards."""
+    from klaviyo_pipelines.actions.factory import build_action
+
+    text = BASE.replace("upsert_profile", action)
+    if action != "upsert_profile":
+        text = text.replace("[added, updated]", "[deleted]" if "remove" in action else "[added]")
+    config = parse_config(text + f"    settings: {settings}\n", "conf.yaml")
+    sync = config.syncs["customers_to_klaviyo"]
+    with pytest.raises(ConfigError) as caught:
+        build_action(sync, ["customer_id", "email"], "conf.yaml")
+    assert caught.value.key == f"syncs.customers_to_klaviyo.settings.{key}"
+    assert words in caught.value.reason

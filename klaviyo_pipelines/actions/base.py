@@ -188,3 +188,27 @@ def batch_size_setting(sync: SyncSpec, largest: int, config_path: str) -> int:
             f"must be a whole number from 1 to {largest}, got {size!r}",
         )
     return size
+
+
+def flag_setting(sync: SyncSpec, key: str, default: bool, config_path: str) -> bool:
+    """A true/false setting: `batch: "false"` must not read as true."""
+    value = sync.settings.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.{key}",
+            f"must be true or false, got {value!r}",
+        )
+    return value
+
+
+def seconds_setting(sync: SyncSpec, key: str, default: float, config_path: str) -> float:
+    """A positive number of seconds."""
+    value = sync.settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.{key}",
+            f"must be a positive number of seconds, got {value!r}",
+        )
+    return float(value)

@@ -22,6 +22,7 @@ from klaviyo_pipelines.actions.base import (
     batch_size_setting,
     check_settings,
     field_of_pointer,
+    flag_setting,
     pointer_index,
 )
 from klaviyo_pipelines.actions.lists import list_exists, require_list
@@ -97,12 +98,7 @@ class ConsentAction(Action):
         return str(value).strip()
 
     def bool_setting(self, key: str, default: bool) -> bool:
-        value = self.sync.settings.get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(
-                self.config_path, self.setting_path(key), f"must be true or false, got {value!r}"
-            )
-        return value
+        return flag_setting(self.sync, key, default, self.config_path)
 
     def column_value(self, values: Mapping[str, Any], key: str) -> Any:
         """The row's value for mapping key `key` (None when unmapped, NULL or blank)."""

@@ -18,6 +18,7 @@ from klaviyo_pipelines.actions.base import (
     Rejected,
     batch_size_setting,
     check_settings,
+    flag_setting,
     pointer_index,
 )
 from klaviyo_pipelines.actions.lists import require_list
@@ -69,7 +70,7 @@ class RemoveProfile(Action):
                 "no identifier is mapped: map at least one of email, phone_number, external_id",
             )
         self.country = default_country(sync, config_path)
-        self.batch_mode = bool(settings.get("batch", True))
+        self.batch_mode = flag_setting(sync, "batch", True, config_path)
         self._batch_size = batch_size_setting(sync, MAX_IDS, config_path)
 
     @property

@@ -20,7 +20,9 @@ from klaviyo_pipelines.actions.base import (
     batch_size_setting,
     check_settings,
     field_of_pointer,
+    flag_setting,
     pointer_index,
+    seconds_setting,
 )
 from klaviyo_pipelines.actions.lists import require_list
 from klaviyo_pipelines.actions.profile import (
@@ -61,11 +63,11 @@ class UpsertProfile(Action):
         check_settings(sync, SETTINGS, config_path)
         self.mapping: ProfileMapping = resolve_profile_mapping(sync, columns, config_path)
         self.list_id: str | None = settings.get("list_id") or None
-        self.batch_mode = bool(settings.get("batch", True))
+        self.batch_mode = flag_setting(sync, "batch", True, config_path)
         self._batch_size = batch_size_setting(
             sync, PROFILE_BULK_IMPORT.max_items or 10_000, config_path
         )
-        self.job_timeout = float(settings.get("job_timeout_seconds", 900))
+        self.job_timeout = seconds_setting(sync, "job_timeout_seconds", 900, config_path)
         self._job_seconds = 0.0  # how long recent jobs took: when to poll a new one first
 
     @property
