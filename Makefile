@@ -28,4 +28,8 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/change_set.py
+	$(BIN)/python bench/change_set.py --all
+	$(BIN)/python bench/noop_sync.py
+	$(BIN)/python bench/delivery.py
+	$(BIN)/python bench/client_cpu.py
+	$(BIN)/python bench/first_sync_memory.py --rows 100000 1000000
