@@ -24,6 +24,7 @@ MAX_BATCHES_IN_FLIGHT = 8
 MAX_ROWS_IN_FLIGHT = 30_000
 
 SendBatch = Callable[[Sequence[Prepared]], BatchResult]
+BeforeWaiting = Callable[[], None]
 
 
 def in_flight_width(batch_size: int) -> int:
@@ -41,12 +42,18 @@ class InFlight:
     The window starts at one batch and doubles with each batch that succeeds (a slow start):
     against a dead API or a refused key the run fails after one batch's attempts, as it did
     when batches went one by one, instead of a whole window of them.
+
+    `before_waiting` is called before each wait for a batch, so the caller can let go of what
+    others may use meanwhile (the warehouse file).
     """
 
-    def __init__(self, send: SendBatch, width: int) -> None:
+    def __init__(
+        self, send: SendBatch, width: int, before_waiting: BeforeWaiting | None = None
+    ) -> None:
         if width < 1:
             raise ValueError("width must be at least 1")
         self._send = send
+        self._before_waiting = before_waiting
         self._width = width
         self._open = 1  # batches allowed in flight now, up to width
         self._pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="klaviyo-batch")
@@ -88,6 +95,8 @@ class InFlight:
     def _collect(self, block: bool) -> list[BatchResult]:
         if not self._pending:
             return []
+        if block and self._before_waiting:
+            self._before_waiting()
         done, self._pending = wait(
             self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED
         )

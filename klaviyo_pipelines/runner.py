@@ -326,7 +326,8 @@ def _deliver_all(
     def send(batch: Sequence[Prepared]) -> BatchResult:
         return deliver_batch(action, client, batch)
 
-    with InFlight(send, in_flight_width(action.batch_size)) as flight:
+    width = in_flight_width(action.batch_size)
+    with wh.holding_file(), InFlight(send, width, before_waiting=wh.let_go) as flight:
         for page in pages:
             page = action.enrich(wh, page)
             items: list[Prepared] = []

@@ -231,3 +231,49 @@ def test_a_duckdb_file_another_process_holds_is_waited_for(tmp_path) -> None:
     finally:
         holder.wait(timeout=30)
     assert 0.3 < waited < 30, f"waited {waited:.2f} s for the other process to let go"
+
+
+def _another_process_opens(path: Path) -> bool:
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; duckdb.connect(sys.argv[1]).close()",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode == 0 or "lock" in probe.stderr, probe.stderr
+    return probe.returncode == 0
+
+
+def test_a_delivery_holding_the_duckdb_file_lets_it_go_to_wait_and_at_the_end(
+    tmp_path, monkeypatch
+) -> None:
+    """A run keeps the file open between its transactions (cheaper ones), but others still get
+    turns: when the run waits, after DUCKDB_HOLD_SECONDS, and for good when delivery ends."""
+    path = tmp_path / "warehouse.duckdb"
+    wh = Warehouse(f"duckdb:///{path}")
+
+    def transaction() -> None:
+        with wh.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t AS SELECT 1 AS x")
+
+    transaction()
+    assert _another_process_opens(path)  # no hold outside a delivery
+    with wh.holding_file():
+        transaction()
+        assert not _another_process_opens(path)  # held between transactions
+        wh.let_go()  # what the runner does before waiting for a batch
+        assert _another_process_opens(path)
+        transaction()
+        assert not _another_process_opens(path)  # held again by the next transaction
+        monkeypatch.setattr("klaviyo_pipelines.warehouse.engine.DUCKDB_HOLD_SECONDS", 0.0)
+        transaction()  # held longer than DUCKDB_HOLD_SECONDS: let go when it ends
+        assert _another_process_opens(path)
+        monkeypatch.undo()
+        transaction()
+    assert _another_process_opens(path)
+    wh.dispose()
