@@ -23,7 +23,7 @@ from klaviyo_pipelines.actions.base import (
 )
 from klaviyo_pipelines.actions.factory import build_action
 from klaviyo_pipelines.actions.profile import InvalidRow
-from klaviyo_pipelines.actions.values import dumps, json_value
+from klaviyo_pipelines.actions.values import dumps_row
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
 from klaviyo_pipelines.delivery import InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
@@ -413,7 +413,7 @@ def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -
         Delivered(
             key=item.row.key,
             row_hash=item.row.row_hash,
-            row_json=dumps(json_value(item.row.values)).decode(),
+            row_json=dumps_row(item.row.values).decode(),
             deletion=item.row.kind.value == "deleted",
             partition=item.row.partition,
         )

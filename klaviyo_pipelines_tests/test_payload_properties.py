@@ -26,7 +26,7 @@ from klaviyo_pipelines.actions.factory import build_action
 from klaviyo_pipelines.actions.lookup import Identifiers, lookup_requests
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.registry import ChangeKind
-from klaviyo_pipelines.actions.values import dumps, json_value
+from klaviyo_pipelines.actions.values import dumps, dumps_row, json_value
 from klaviyo_pipelines.config import parse_config
 from klaviyo_pipelines.sandbox.app import SandboxApp
 from klaviyo_pipelines.sandbox.filters import parse_filter
@@ -334,3 +334,10 @@ def test_phone_verdicts_are_cached_per_raw_value_and_country() -> None:
         assert normalise_phone("+44 20 7183 8750", "US") == "+442071838750"  # '+': own country
         with pytest.raises(InvalidRow, match=r"cannot be converted to E\.164"):
             normalise_phone("+1 555 0100", "US")  # not a real number, cached or not
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(text, anything, max_size=6))
+def test_a_rows_state_json_is_the_same_by_the_fast_path(values) -> None:
+    """`dumps_row` (orjson with json_value as fallback) writes exactly what the general path does."""
+    assert dumps_row(values) == dumps(json_value(values))

@@ -125,3 +125,13 @@ def dumps(payload: Any) -> bytes:
         return json.dumps(
             payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
+
+
+def dumps_row(values: dict[str, Any]) -> bytes:
+    """`dumps(json_value(values))` at half the cost, for the row kept in the delivery state:
+    orjson walks the row in C and asks `json_value` only about what it would not write the
+    same way itself (Decimal, datetimes, bytes, ...)."""
+    try:
+        return orjson.dumps(values, default=json_value, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, keys not text
+        return dumps(json_value(values))

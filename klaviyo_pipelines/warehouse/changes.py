@@ -258,6 +258,8 @@ def iter_changes(
         f"SELECT {KEY}, _kp_kind, _kp_hash, _kp_row_json, {PARTITION}, {names} FROM {table} "
         "WHERE _kp_send AND _kp_seq > :low AND _kp_seq <= :high ORDER BY _kp_seq"
     )
+    kinds = {kind.value: kind for kind in ChangeKind}
+    deleted = ChangeKind.DELETED
     low = 0
     while True:
         with wh.engine.connect() as conn:
@@ -265,14 +267,18 @@ def iter_changes(
         if not rows:
             return
         page = []
-        for row in rows:
-            kind = ChangeKind(row[1])
-            if kind is ChangeKind.DELETED:
-                values = json.loads(row[3]) if row[3] else {}
-            else:
-                values = dict(zip(columns, row[5:], strict=True))
+        for key, kind_name, row_hash, row_json, partition_key, *values in rows:
+            kind = kinds[kind_name]
             page.append(
-                ChangeRow(key=row[0], kind=kind, row_hash=row[2], values=values, partition=row[4])
+                ChangeRow(
+                    key,
+                    kind,
+                    row_hash,
+                    (json.loads(row_json) if row_json else {})
+                    if kind is deleted
+                    else dict(zip(columns, values, strict=True)),
+                    partition_key,
+                )
             )
         yield page
         low += page_size

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -30,8 +30,9 @@ class FailureKind(StrEnum):
     INVALID = "invalid"
 
 
-@dataclass(frozen=True)
-class Delivered:
+class Delivered(NamedTuple):
+    """A row Klaviyo confirmed; a tuple in the staging table's column order, bulk-loaded as is."""
+
     key: str
     row_hash: str
     row_json: str | None
@@ -137,7 +138,7 @@ def record_outcomes(
                 conn,
                 staged,
                 ["row_key", "row_hash", "row_json", "deletion", "partition_key"],
-                ((d.key, d.row_hash, d.row_json, d.deletion, d.partition) for d in delivered),
+                delivered,
             )
             conn.execute(
                 sa.text(f"DELETE FROM {state} WHERE row_key IN (SELECT row_key FROM {staged})")
