@@ -309,6 +309,9 @@ def _deliver_all(
         wh, sync.name, prepared.columns, page_size=page_size, partition=prepared.partition
     )
     error: KlaviyoError | None = None
+    # Rows that failed validation go to the ledger with the next commit, in its transaction
+    # rather than one more per page; until then they are, like any row, in the change set.
+    invalid: list[Failure] = []
 
     def commit(results: Sequence[BatchResult]) -> None:
         nonlocal error
@@ -317,7 +320,8 @@ def _deliver_all(
         merged = BatchResult()
         for result in results:
             merged.merge(result)
-        _commit(wh, sync.name, merged, report)
+        _commit(wh, sync.name, merged, report, invalid)
+        invalid.clear()
         for result in results:
             if on_batch:
                 on_batch(report, result)
@@ -331,7 +335,6 @@ def _deliver_all(
         for page in pages:
             page = action.enrich(wh, page)
             items: list[Prepared] = []
-            invalid: list[Failure] = []
             for row in page:
                 try:
                     items.append(action.prepare(row))
@@ -341,7 +344,6 @@ def _deliver_all(
                     )
                     report.rejected[row.kind.value] += 1
                     report.sample(row.key, row.kind.value, exc.field, exc.reason)
-            record_failures(wh, sync.name, invalid)
             for batch in action.batches(items):
                 commit(flight.make_room())
                 if error:
@@ -351,6 +353,7 @@ def _deliver_all(
                 break
         for result in flight.drain():
             commit([result])
+        record_failures(wh, sync.name, invalid)
     if error:
         report.fail(error)
 
@@ -408,7 +411,14 @@ def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepare
         return BatchResult(unsent=list(batch), error=exc)
 
 
-def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -> None:
+def _commit(
+    wh: Warehouse,
+    sync: str,
+    result: BatchResult,
+    report: SyncReport,
+    invalid: Sequence[Failure] = (),
+) -> None:
+    """Record a finished batch's outcome, and rows found invalid meanwhile, in one transaction."""
     delivered = [
         Delivered(
             key=item.row.key,
@@ -419,7 +429,7 @@ def _commit(wh: Warehouse, sync: str, result: BatchResult, report: SyncReport) -
         )
         for item in result.delivered
     ]
-    failures = [
+    failures = [*invalid] + [
         Failure(r.item.row.key, r.item.row.row_hash, FailureKind.INVALID, r.field, r.reason)
         for r in result.rejected
     ]
