@@ -23,8 +23,16 @@ asked, with rate limits off, how many rows and requests per second it serves for
 workloads, and what CPU that costs it. Each action's client runs in a fresh interpreter, so its
 peak RSS is its own.
 
-    .venv/bin/python bench/delivery.py            # every action, about 5 minutes
+Then, with Klaviyo's largest batches (10,000 profiles an import, 1,000 events a request) at time
+scale 1 against the enforced limits, a shop's realistic rows (`shop_data.py`: phones, Decimal
+money, timestamps) are sent to tell whether Klaviyo's rate limit or the client's CPU binds. A
+steady window of Track Event (150 requests, 150,000 events) is measured whole; one of Upsert
+Profile would need 750,000 profiles, so its rows/s are measured over its writes instead, which
+stay under the steady limit unless the client outpaces it.
+
+    .venv/bin/python bench/delivery.py            # every action, about 8 minutes
     .venv/bin/python bench/delivery.py --only track_event --windows 1
+    .venv/bin/python bench/delivery.py --full-batches no    # or only: the scale-1 full batches
 """
 
 from __future__ import annotations
@@ -37,9 +45,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import shop_data
 
 API_KEY = "pk_bench_0123456789abcdef0123456789abcdef"
 LIST_ID = "BNCHLS"
@@ -65,6 +76,8 @@ class Case:
     audience: bool = False
     seed_profiles: bool = False  # rows must exist in Klaviyo (and in the list) first
     note: str = ""
+    shop_sql: Callable[[int], str] | None = None  # a shop's whole model (key `id`), not `sql`
+    rows: int | None = None  # rows to send, when not sized by whole windows
 
 
 PEOPLE = (
@@ -194,6 +207,42 @@ CASES = [
     ),
 ]
 
+# Klaviyo's largest batches at time scale 1, with a shop's rows: does the limit or our CPU bind?
+FULL_BATCH_CASES = [
+    Case(
+        "upsert_profile",
+        "Upsert Profile, full",
+        "profile_bulk_import",
+        "profile_bulk_import",
+        10_000,
+        1.0,
+        "",
+        shop_data.PROFILE_MAPPING,
+        {"batch_size": 10_000},
+        extra_requests=1,
+        shop_sql=shop_data.customers_sql,
+        rows=300_000,
+        note="batch 10,000 at scale 1, shop rows (40% phones); rows/s over its writes",
+    ),
+    Case(
+        "track_event",
+        "Track Event, full",
+        "event_bulk_create",
+        "event_bulk_create",
+        1_000,
+        1.0,
+        "",
+        shop_data.EVENT_MAPPING,
+        {"batch_size": 1_000},
+        shop_sql=shop_data.events_sql,
+        note="batch 1,000 at scale 1, shop rows (40% phones); one whole steady window",
+    ),
+]
+
+
+def case_named(title: str) -> Case:
+    return next(c for c in CASES + FULL_BATCH_CASES if c.title == title)
+
 
 # ---- the sandbox process ----------------------------------------------------------------------
 
@@ -271,6 +320,8 @@ def config_text(case: Case, url: str, base_url: str) -> str:
     model: dict[str, Any] = {"sql": "select * from src.source", "primary_key": "customer_id"}
     if case.audience:
         model["audience"] = {"column": "segment"}
+    elif case.shop_sql:
+        model["primary_key"] = "id"
     else:
         model["primary_key"] = case.sql.split(" AS ")[1].split(",")[0].strip()
     sync = {
@@ -299,7 +350,7 @@ def run_case(name: str, rows: int, scale: float, base_url: str) -> dict[str, Any
     from klaviyo_pipelines.warehouse.engine import Warehouse
     from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 
-    case = next(c for c in CASES if c.action == name)
+    case = case_named(name)
     os.environ["KLAVIYO_API_KEY"] = API_KEY
     with tempfile.TemporaryDirectory() as tmp:
         url = f"duckdb:///{Path(tmp) / 'warehouse.duckdb'}"
@@ -307,9 +358,10 @@ def run_case(name: str, rows: int, scale: float, base_url: str) -> dict[str, Any
         wh = Warehouse(url)
         with wh.engine.begin() as conn:
             conn.execute(sa.text("CREATE SCHEMA src"))
-            conn.exec_driver_sql(
-                f"CREATE TABLE src.source AS {case.sql} FROM range(0, {rows}) t(i)"
+            model_sql = (
+                case.shop_sql(rows) if case.shop_sql else f"{case.sql} FROM range(0, {rows}) t(i)"
             )
+            conn.exec_driver_sql(f"CREATE TABLE src.source AS {model_sql}")
         partition = AUDIENCE if case.audience else None
         model = config.models["source"]
         with KlaviyoClient(API_KEY, base_url=base_url, time_scale=scale) as client:
@@ -320,11 +372,12 @@ def run_case(name: str, rows: int, scale: float, base_url: str) -> dict[str, Any
                 with wh.engine.begin() as conn:
                     conn.execute(sa.text("DELETE FROM src.source"))
             take_snapshot(wh, model, config.path, partition)
-            cpu_before = time.process_time()
+            cpu_before, main_before = time.process_time(), time.thread_time()
             before = client.stats
             started = time.monotonic()
             report = run_sync(config, "bench", wh, client, partition=partition)
             elapsed = time.monotonic() - started
+            main_cpu = time.thread_time() - main_before  # preparing and committing: serial
             after = client.stats
         wh.engine.dispose()
     if report.status != "success":
@@ -336,6 +389,8 @@ def run_case(name: str, rows: int, scale: float, base_url: str) -> dict[str, Any
         "requests": after.requests - before.requests,
         "rate_limited": after.rate_limited - before.rate_limited,
         "cpu": time.process_time() - cpu_before,
+        "main_cpu": main_cpu,
+        "waited": after.waited_seconds - before.waited_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -356,6 +411,8 @@ STEADY = {  # steady limit per minute of each class the cases use (checked again
 def rows_for(case: Case, windows: int) -> int:
     """Rows whose delivery needs `windows` full steady windows of the binding class, plus one
     request into the next (and a little more, since polls and lookups use requests too)."""
+    if case.rows:
+        return case.rows
     requests = STEADY[case.binding_class] * windows + 1
     batches = requests / (1 + case.extra_requests)
     return int(batches * case.rows_per_request / case.rows_per_item * 1.15)
@@ -375,6 +432,17 @@ def whole_windows(
     return stop - start, items, windows * limit
 
 
+def over_writes(
+    log: list[tuple[float, str, int, int, str | None]], case: Case
+) -> tuple[float, int, int] | None:
+    """(seconds, items, writes) from the first write carrying rows to the last, the last one's
+    items not counted: a rate the steady limit did not touch, the run being within one window."""
+    writes = sorted(r for r in log if r[1] == case.write_class and r[3] != 429 and r[2])
+    if len(writes) < 2:
+        return None
+    return writes[-1][0] - writes[0][0], sum(r[2] for r in writes[:-1]), len(writes) - 1
+
+
 def measure(
     case: Case, sandbox: SandboxProcess, windows: int, limits: bool, share: int = 1
 ) -> dict[str, Any]:
@@ -383,7 +451,7 @@ def measure(
     sandbox.ask("setup", limits=limits, scale=scale, profiles=rows if case.seed_profiles else 0)
     usage0 = sandbox.ask("usage")
     child = subprocess.run(
-        [sys.executable, __file__, "--run-case", case.action, str(rows), str(scale), sandbox.url],
+        [sys.executable, __file__, "--run-case", case.title, str(rows), str(scale), sandbox.url],
         capture_output=True,
         text=True,
         check=False,
@@ -401,6 +469,7 @@ def measure(
     result["sandbox_429"] = sum(1 for r in log if r[3] == 429)
     if limits:
         result["windows"] = whole_windows(log, case, STEADY[case.binding_class])
+        result["writes"] = over_writes(log, case)
     return result
 
 
@@ -416,21 +485,79 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", action="append", help="action name (repeatable)")
     parser.add_argument("--windows", type=int, default=1, help="whole steady windows measured")
+    parser.add_argument(
+        "--full-batches",
+        choices=["yes", "no", "only"],
+        default="yes",
+        help="also (or only) send the largest batches at time scale 1 (about 2.5 minutes)",
+    )
     args = parser.parse_args()
     check_limits()
-    cases = [c for c in CASES if not args.only or c.action in args.only]
+    chosen = [c for c in CASES + FULL_BATCH_CASES if not args.only or c.action in args.only]
+    cases = [c for c in chosen if c in CASES and args.full_batches != "only"]
+    full = [c for c in chosen if c in FULL_BATCH_CASES and args.full_batches != "no"]
     sandbox = SandboxProcess()
     print(f"{os.cpu_count()} CPUs; sandbox pid {sandbox.proc.pid}, client in a child per action")
-    lines = []
+    lines, full_lines = [], []
     try:
         for case in cases:
             limited = measure(case, sandbox, args.windows, limits=True)
             free = measure(case, sandbox, args.windows, limits=False, share=3)
             lines.append((case, limited, free))
             print(f"  {case.title}: done", file=sys.stderr, flush=True)
+        for case in full:
+            full_lines.append((case, measure(case, sandbox, 1, limits=True)))
+            print(f"  {case.title}: done", file=sys.stderr, flush=True)
     finally:
         sandbox.close()
-    print_table(lines)
+    if lines:
+        print_table(lines)
+    if full_lines:
+        print_full_batches(full_lines)
+
+
+def print_full_batches(lines: list[tuple[Case, dict[str, Any]]]) -> None:
+    """Largest batches at scale 1: the rate reached against the ceiling, and who binds."""
+    head = (
+        f"{'action':<22}{'batch':>7}{'+req':>5}{'ceil rows/s':>12}{'rows/s':>8}{'%ceil':>7}"
+        f"  {'measured over':<32}{'429s':>5}{'waited s':>9}{'cli CPU':>8}{'main thr':>9}"
+        f"{'CPU us/row':>11}{'rows/CPU s':>11}{'sbx CPU':>8}{'RSS MB':>7}  binds"
+    )
+    print()
+    print(head)
+    print("-" * len(head))
+    for case, run in lines:
+        limit = STEADY[case.binding_class]
+        ceiling = limit / 60 * case.scale * case.rows_per_request / (1 + case.extra_requests)
+        if run["windows"]:
+            seconds, items, requests = run["windows"]
+            span = f"{requests} requests, whole window"
+        else:
+            seconds, items, requests = run["writes"]
+            span = f"{requests} writes in {seconds:.0f} s (< {limit}/m)"
+        rate = items / seconds
+        main_share = run["main_cpu"] / run["seconds"]
+        per_core = run["rows"] / run["cpu"]  # what one core of ours would carry, alone
+        binds = (
+            "rate limit" if rate >= 0.9 * ceiling
+            else "client CPU" if per_core < ceiling
+            else "neither: the machine's other work, or time per batch"
+        )  # fmt: skip
+        print(
+            f"{case.title:<22}{case.rows_per_request:>7,}{case.extra_requests:>5}{ceiling:>12,.0f}"
+            f"{rate:>8,.0f}{100 * rate / ceiling:>6.1f}%  {span:<32}{run['rate_limited']:>5}"
+            f"{run['waited']:>9.1f}{100 * run['cpu'] / run['seconds']:>7.0f}%"
+            f"{100 * main_share:>8.0f}%{1e6 * run['cpu'] / run['rows']:>11.0f}{per_core:>11,.0f}"
+            f"{100 * run['sandbox_cpu'] / run['seconds']:>7.0f}%{run['peak_rss_mb']:>7.0f}  {binds}"
+        )
+        print(f"    {case.note}; {run['rows']:,} rows, {run['seconds']:.0f} s")
+    print(
+        "cli CPU = the client process's CPU (all threads) over the run, in % of one core; main "
+        "thr = its main thread's (reading pages, preparing, committing: serial work); CPU us/row "
+        "and rows/CPU s = the client's CPU per row sent (change set included) and its inverse, "
+        "what one core of ours carries when nothing else runs: below the ceiling, our CPU binds; "
+        "waited s = time the rate limiter held requests back."
+    )
 
 
 def print_table(lines: list[tuple[Case, dict[str, Any], dict[str, Any]]]) -> None:
@@ -482,7 +609,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve-sandbox"]:
         serve_sandbox()
     elif sys.argv[1:2] == ["--run-case"]:
-        name, rows, scale, url = sys.argv[2:6]
+        name, rows, scale, url = sys.argv[2:6]  # name: the case's title
         print(json.dumps(run_case(name, int(rows), float(scale), url)))
     else:
         main()
