@@ -29,7 +29,8 @@ DUCKDB_SETTINGS = {
     "memory_limit": "1GB",
 }
 # How long a DuckDB connection waits for another process (a sensor tick, a run) to release the
-# file before failing: every use holds it for one statement or one batch's transaction.
+# file before failing: every use holds it for one statement or one batch's transaction, a
+# delivery for DUCKDB_HOLD_SECONDS at most at a time.
 DUCKDB_FILE_WAIT_SECONDS = 60.0
 # While a run delivers, one idle connection keeps the DuckDB file open in our process between
 # its transactions, so each transaction joins the open database (~1 ms) instead of opening the

@@ -10,8 +10,9 @@ run holds a lock for its whole length, in up to three layers:
   connection outside any transaction, so the delivery transactions commit freely while it is
   held; PostgreSQL releases it when that connection ends, also when the process is killed;
 - on a DuckDB file, an exclusive `flock` on `<file>.locks/<schema>.<sync>.lock`: DuckDB's
-  own file lock lasts one connection, and connections are released between statements so that
-  other processes can read, which would let two processes' runs interleave. The kernel drops
+  own file lock lasts one connection, and connections are released between statements (a
+  delivery's within a second, see `engine.DUCKDB_HOLD_SECONDS`) so that other processes can
+  read, which would let two processes' runs interleave. The kernel drops
   the flock when the process dies.
 
 A partitioned sync is locked per partition (each has its own change set and rows).
