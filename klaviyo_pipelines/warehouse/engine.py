@@ -66,7 +66,7 @@ class Warehouse:
         )
         self.engine: Engine = sa.create_engine(url, **kwargs)
         self.dialect = self.engine.dialect.name
-        self._holding = False  # inside `holding_file`
+        self._holders = 0  # deliveries inside `holding_file` (Dagster may run several in threads)
         self._hold: Any = None  # the idle DBAPI connection that keeps the file open
         self._held_since = 0.0
         self._hold_guard = threading.Lock()
@@ -77,7 +77,7 @@ class Warehouse:
             def _connect_when_free(dialect, _record, cargs, cparams):  # type: ignore[no-untyped-def]
                 connect = _wait_for_duckdb_file(dialect.connect)
                 with self._hold_guard:
-                    if self._holding and self._hold is None:
+                    if self._holders and self._hold is None:
                         self._hold, self._held_since = connect(*cargs, **cparams), time.monotonic()
                 return connect(*cargs, **cparams)
 
@@ -101,12 +101,16 @@ class Warehouse:
         if self.dialect != "duckdb" or not database or database.startswith(":memory:"):
             yield
             return
-        self._holding = True
+        with self._hold_guard:
+            self._holders += 1
         try:
             yield
         finally:
-            self._holding = False
-            self.let_go()
+            with self._hold_guard:
+                self._holders -= 1
+                last = not self._holders
+            if last:
+                self.let_go()
 
     def let_go(self) -> None:
         """Close the hold: other processes may open the file until our next transaction."""
