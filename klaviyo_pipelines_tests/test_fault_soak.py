@@ -107,7 +107,9 @@ def test_a_20000_row_sync_under_random_faults_ends_exactly_as_the_warehouse_says
 
         first = run_until_success(config, wh, sandbox, bursts)
         first_counts = assert_exact(sandbox, wh, shop) | {"total": shop.rows}
-        assert not sandbox.faults.pending  # the queued applied-but-failed writes all fired
+        # The queued applied-but-failed writes all fired. (A 429 burst queued after the last
+        # batch may rightly wait: no request came after it.)
+        assert not [f for f in sandbox.faults.pending if f.kind == "applied_status"]
 
         # Round two: a tenth of the customers change, new views and orders arrive.
         for i in range(0, len(shop.customers), 10):
