@@ -33,6 +33,7 @@ from klaviyo_pipelines.actions.base import (
     Rejected,
     batch_size_setting,
     field_of_pointer,
+    flag_setting,
     pointer_index,
 )
 from klaviyo_pipelines.actions.profile import (
@@ -123,10 +124,7 @@ class SyncKeys:
         return {str(name): self.column(f"mapping.{key}.{name}", col) for name, col in raw.items()}
 
     def flag(self, key: str, default: bool) -> bool:
-        value = self.sync.settings.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(f"settings.{key}", f"must be true or false, got {value!r}")
-        return value
+        return flag_setting(self.sync, key, default, self.config_path)
 
     def metric_name(self, key: str, default: str | None = None) -> str | None:
         """A metric name given literally in the settings, checked as Klaviyo would."""
