@@ -105,24 +105,17 @@ def pandas_hashes(model: Any) -> Any:
     return pd.util.hash_pandas_object(model, index=False).to_numpy().view("int64")
 
 
-def setup(url: str, rows: int, columns: int, with_baseline: bool) -> None:
-    """Model, first sync delivered (ours, and the baseline's if it runs), then the model changes."""
-    import pandas as pd
-
+def deliver_first_sync_in_sql(wh: Any, config: Any, rows: int) -> list[str]:
+    """Snapshot and change set, then every row recorded delivered in SQL: a completed first
+    sync without HTTP. Returns the columns the sync reads."""
     from klaviyo_pipelines.runner import SyncReport, prepare_sync
     from klaviyo_pipelines.warehouse.changes import changes_table
-    from klaviyo_pipelines.warehouse.engine import Warehouse
     from klaviyo_pipelines.warehouse.snapshot import take_snapshot
     from klaviyo_pipelines.warehouse.state import state_table
 
-    wh, config = Warehouse(url), make_config(url, columns)
-    with wh.engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS bench"))
-        conn.execute(sa.text(f"CREATE TABLE {MODEL} AS {people_sql(wh.dialect, columns, 1, rows)}"))
     take_snapshot(wh, config.models["people"], config.path)
     report = SyncReport(sync=SYNC, action="upsert_profile", model="people")
     prepared = prepare_sync(config, SYNC, wh, report, retry_rejected=False)
-    assert len(prepared.columns) == columns, prepared.columns  # the hash covers every column
     assert report.planned == {"added": rows}, report.planned
     with wh.engine.begin() as conn:
         conn.execute(
@@ -133,6 +126,22 @@ def setup(url: str, rows: int, columns: int, with_baseline: bool) -> None:
                 f"FROM {wh.table(changes_table(SYNC))} AS c WHERE c._kp_send"
             )
         )
+    return prepared.columns
+
+
+def setup(url: str, rows: int, columns: int, with_baseline: bool) -> None:
+    """Model, first sync delivered (ours, and the baseline's if it runs), then the model changes."""
+    import pandas as pd
+
+    from klaviyo_pipelines.warehouse.engine import Warehouse
+
+    wh, config = Warehouse(url), make_config(url, columns)
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS bench"))
+        conn.execute(sa.text(f"CREATE TABLE {MODEL} AS {people_sql(wh.dialect, columns, 1, rows)}"))
+    read = deliver_first_sync_in_sql(wh, config, rows)
+    assert len(read) == columns, read  # the hash covers every column
+    with wh.engine.begin() as conn:
         if with_baseline:
             model = pd.read_sql(sa.text(f"SELECT * FROM {MODEL}"), conn)
             conn.execute(

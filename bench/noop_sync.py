@@ -30,9 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from change_set import machine, other_columns, peak_rss_mb, people_sql
+from change_set import (
+    SYNC,
+    deliver_first_sync_in_sql,
+    machine,
+    other_columns,
+    peak_rss_mb,
+    people_sql,
+)
 
-SYNC = "people_sync"
 API_KEY = "pk_bench_0123456789abcdef0123456789abcdef"
 
 
@@ -60,30 +66,14 @@ def make_config(url: str, base_url: str) -> Any:
 
 def first_sync(url: str, base_url: str, rows: int) -> dict[str, Any]:
     """Model, snapshot and change set, then every row marked delivered in SQL (no HTTP)."""
-    from klaviyo_pipelines.runner import SyncReport, prepare_sync
-    from klaviyo_pipelines.warehouse.changes import changes_table
     from klaviyo_pipelines.warehouse.engine import Warehouse
-    from klaviyo_pipelines.warehouse.snapshot import take_snapshot
-    from klaviyo_pipelines.warehouse.state import state_table
 
     wh, config = Warehouse(url), make_config(url, base_url)
     with wh.engine.begin() as conn:
         conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS bench"))
         conn.execute(sa.text(f"CREATE TABLE bench.people AS {people_sql(wh.dialect, 10, 1, rows)}"))
     started = time.perf_counter()
-    take_snapshot(wh, config.models["people"], config.path)
-    report = SyncReport(sync=SYNC, action="upsert_profile", model="people")
-    prepared = prepare_sync(config, SYNC, wh, report, retry_rejected=False)
-    assert report.planned == {"added": rows}, report.planned
-    with wh.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                f"INSERT INTO {wh.table(state_table(SYNC))} (row_key, row_hash, row_json, "
-                f"recorded_at) SELECT c._kp_key, c._kp_hash, "
-                f"{wh.row_json_sql(prepared.columns, 'c')}, now() "
-                f"FROM {wh.table(changes_table(SYNC))} AS c WHERE c._kp_send"
-            )
-        )
+    deliver_first_sync_in_sql(wh, config, rows)
     seconds = time.perf_counter() - started
     wh.dispose()
     return {"seconds": seconds, "peak_mb": peak_rss_mb()}
