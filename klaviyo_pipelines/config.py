@@ -114,6 +114,12 @@ class ModelSpec:
     table: str | None = None
     partition: PartitionSpec | None = None
     audience: AudienceSpec | None = None
+    sql_params_items: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def sql_params(self) -> dict[str, str]:
+        """Values bound to the `:kp_env_<n>` placeholders that stand for `${VAR}` in `sql`."""
+        return dict(self.sql_params_items)
 
     @property
     def partitioned(self) -> bool:

@@ -167,7 +167,7 @@ def check_sync(config: Config, sync_name: str, wh: Warehouse) -> Action:
     sync = config.syncs[sync_name]
     with wh.engine.begin() as conn:
         columns = model_columns(wh, conn, config.model_of(sync), config.path)
-        ensure_tables(wh, conn, sync.name)
+        ensure_tables(wh, sync.name)
     return build_action(sync, columns, config.path)
 
 

@@ -13,13 +13,16 @@ import sqlalchemy as sa
 PG_SERVER = os.environ.get(
     "KLAVIYO_PIPELINES_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432"
 )
+MARIADB_SERVER = os.environ.get(
+    "KLAVIYO_PIPELINES_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306"
+)
 TEST_API_KEY = "pk_test_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 
 
-def _postgres_answers() -> str | None:
-    """None when PostgreSQL answers, else why not."""
+def _server_answers(url: str) -> str | None:
+    """None when the server at `url` answers, else why not."""
     try:
-        engine = sa.create_engine(f"{PG_SERVER}/test", connect_args={"connect_timeout": 3})
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         engine.dispose()
@@ -28,15 +31,19 @@ def _postgres_answers() -> str | None:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
 
 
-def require_postgres() -> None:
-    """Skip where no PostgreSQL answers, but fail in CI, which must never pass without it."""
-    problem = _postgres_answers()
+def _require(name: str, url: str) -> None:
+    """Skip where the server does not answer, but fail in CI, which must never pass without it."""
+    problem = _server_answers(url)
     if problem is None:
         return
-    message = f"PostgreSQL at {PG_SERVER} does not answer ({problem})"
+    message = f"{name} at {url} does not answer ({problem})"
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI must run the PostgreSQL tests")
+        pytest.fail(f"{message}; CI must run the {name} tests")
     pytest.skip(message)
+
+
+def require_postgres() -> None:
+    _require("PostgreSQL", f"{PG_SERVER}/test")
 
 
 @pytest.fixture
@@ -53,6 +60,31 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A fresh MariaDB database for one test's models, dropped afterwards; a test's state
+    schema (another database on MySQL) is named after it: see `state_schema_for`."""
+    _require("MariaDB", f"{MARIADB_SERVER}/test")
+    name = f"kp_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(f"{MARIADB_SERVER}/test")
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
+    try:
+        yield f"{MARIADB_SERVER}/{name}"
+    finally:
+        with admin.begin() as conn:
+            for database in (name, state_schema_for(f"{MARIADB_SERVER}/{name}")):
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{database}`"))
+        admin.dispose()
+
+
+def state_schema_for(url: str) -> str:
+    """The state schema a test uses: on MySQL a schema is a database, shared by the server's
+    tests, so each test gets its own; elsewhere the default."""
+    database = sa.engine.make_url(url).database
+    return f"{database}_state" if url.startswith("mysql") else "klaviyo_sync"
 
 
 @pytest.fixture(autouse=True)

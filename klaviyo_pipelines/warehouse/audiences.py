@@ -22,7 +22,13 @@ import sqlalchemy as sa
 
 from klaviyo_pipelines.config import ConfigError, ModelSpec, SyncSpec
 from klaviyo_pipelines.warehouse.engine import Warehouse
-from klaviyo_pipelines.warehouse.state import LEDGER, FailureKind, now, state_table
+from klaviyo_pipelines.warehouse.state import (
+    LEDGER,
+    FailureKind,
+    create_tables,
+    now,
+    state_table,
+)
 
 LISTS = "audience_lists"
 RANK = "_kp_rank"
@@ -71,9 +77,11 @@ def _column(columns: Sequence[str], model: ModelSpec, name: str, setting: str, p
     return found
 
 
-def _json_text(expression: str) -> str:
+def _json_text(wh: Warehouse, expression: str) -> str:
     """SQL escaping `\\` and `"` in a value, so the JSON-text row key stays unambiguous."""
-    return f"replace(replace(CAST({expression} AS VARCHAR), '\\', '\\\\'), '\"', '\\\"')"
+    lit = wh.sql.literal
+    text = wh.sql.cast_text(expression)
+    return f"replace(replace({text}, {lit(chr(92))}, {lit(chr(92) * 2)}), {lit(chr(34))}, {lit(chr(92) + chr(34))})"
 
 
 def audience_select(
@@ -87,7 +95,7 @@ def audience_select(
     assert spec is not None
     audience = wh.quote(_column(columns, model, spec.column, "column", config_path))
     member = wh.quote(resolve_column(list(columns), model.primary_key) or model.primary_key)
-    members, params = wh.model_sql(model), {}
+    members, params = wh.model_sql(model), dict(model.sql_params)
     if spec.is_event_log:
         assert spec.event is not None and spec.timestamp is not None
         event = wh.quote(_column(columns, model, spec.event, "event", config_path))
@@ -95,18 +103,18 @@ def audience_select(
         listed = ", ".join(f"r.{wh.quote(c)}" for c in columns)
         members = (
             f"SELECT {listed} FROM (SELECT e.*, row_number() OVER (PARTITION BY e.{audience}, "
-            f"e.{member} ORDER BY e.{stamp} DESC NULLS LAST, "
+            f"e.{member} ORDER BY {wh.sql.order_desc_nulls_last(f'e.{stamp}')}, "
             f"CASE WHEN e.{event} = :kp_exited THEN 0 ELSE 1 END) AS {RANK} "
             f"FROM ({members}) AS e WHERE e.{event} IN (:kp_entered, :kp_exited)) AS r "
             f"WHERE r.{RANK} = 1 AND r.{event} = :kp_entered"
         )
-        params = {"kp_entered": spec.entered, "kp_exited": spec.exited}
-    key = (
-        f"'[\"' || {_json_text('m.' + audience)} || '\",\"' || {_json_text('m.' + member)} || '\"]'"
+        params |= {"kp_entered": spec.entered, "kp_exited": spec.exited}
+    key = wh.sql.concat(
+        "'[\"'", _json_text(wh, "m." + audience), "'\",\"'", _json_text(wh, "m." + member), "'\"]'"
     )
     select = (
-        f"SELECT m.*, {key} AS {KEY}, CAST(m.{audience} AS VARCHAR) AS {PARTITION} "
-        f"FROM ({members}) AS m"
+        f"SELECT m.*, {wh.sql.cast_key(key)} AS {KEY}, "
+        f"{wh.sql.cast_key(f'm.{audience}')} AS {PARTITION} FROM ({members}) AS m"
     )
     return select, params
 
@@ -117,21 +125,10 @@ def audience_filter(
     """The WHERE clause appended to `audience_select` to read one audience."""
     assert model.audience is not None
     column = wh.quote(_column(columns, model, model.audience.column, "column", config_path))
-    return f"WHERE CAST(m.{column} AS VARCHAR) = :kp_audience", {"kp_audience": audience}
+    return f"WHERE {wh.sql.cast_key(f'm.{column}')} = :kp_audience", {"kp_audience": audience}
 
 
 # ---- which audiences changed (the sensor) ------------------------------------------------
-
-
-def _hash_sql(wh: Warehouse, expression: str) -> str:
-    """60 bits of md5 as an integer: summed over members, an order-free fingerprint."""
-    if wh.dialect == "postgresql":
-        return f"CAST(CAST('x' || substr(md5({expression}), 1, 15) AS BIT(60)) AS BIGINT)"
-    if wh.dialect == "duckdb":
-        return f"CAST('0x' || substr(md5({expression}), 1, 15) AS BIGINT)"
-    raise NotImplementedError(
-        f"audience sensors support DuckDB and PostgreSQL warehouses, not {wh.dialect}"
-    )
 
 
 def audience_statuses(
@@ -161,7 +158,8 @@ def audience_statuses(
             for s in syncs
         ]
         has_ledger = wh.table_exists(conn, LEDGER)
-        empty = "SELECT CAST(NULL AS VARCHAR) AS a, CAST(NULL AS VARCHAR) AS k WHERE 1 = 0"
+        null = wh.sql.cast_text("NULL")
+        empty = f"SELECT {null} AS a, {null} AS k FROM (SELECT 1 AS one) AS z WHERE 1 = 0"
         ctes = [
             f"live AS (SELECT s.{PARTITION} AS a, s.{KEY} AS k FROM ({select}) AS s "
             f"WHERE s.{PARTITION} IS NOT NULL AND s.{KEY} IS NOT NULL)"
@@ -184,10 +182,10 @@ def audience_statuses(
         bounded = f" LIMIT {int(limit)}" if limit else ""
         ctes.append(
             f"win AS (SELECT a FROM ({union}) AS u WHERE a IS NOT NULL AND "
-            f"(CAST(:after AS VARCHAR) IS NULL OR a > CAST(:after AS VARCHAR)) "
+            f"({wh.sql.cast_text(':after')} IS NULL OR a > {wh.sql.cast_text(':after')}) "
             f"ORDER BY a{bounded})"
         )
-        digest = _hash_sql(wh, "x.k")
+        digest = wh.sql.member_hash("x.k")  # summed: an order-free fingerprint
         sources = ["live", *(f"st{i}" for i in range(len(states)))]
         for name in sources:
             ctes.append(
@@ -258,22 +256,18 @@ def membership_changes(
 # ---- the list each audience syncs to --------------------------------------------------------
 
 
-def _ensure_lists(wh: Warehouse, conn: sa.Connection) -> None:
-    wh.ensure_schema(conn)
-    conn.execute(
-        sa.text(
-            f"CREATE TABLE IF NOT EXISTS {wh.table(LISTS)} (model VARCHAR NOT NULL, "
-            "audience VARCHAR NOT NULL, list_id VARCHAR NOT NULL, list_name VARCHAR, "
-            "recorded_at TIMESTAMP NOT NULL)"
-        )
+def _lists_table_def(wh: Warehouse) -> sa.Table:
+    k = wh.sql.key_type
+    return sa.Table(
+        wh.fit(LISTS),
+        sa.MetaData(),
+        sa.Column("model", k, nullable=False),
+        sa.Column("audience", k, nullable=False),
+        sa.Column("list_id", k, nullable=False),
+        sa.Column("list_name", k),
+        sa.Column("recorded_at", wh.sql.time_type, nullable=False),
+        schema=wh.state_schema,
     )
-    if wh.dialect == "postgresql":
-        conn.execute(
-            sa.text(
-                f"CREATE UNIQUE INDEX IF NOT EXISTS {wh.quote(LISTS + '__key')} "
-                f"ON {wh.table(LISTS)} (model, audience)"
-            )
-        )
 
 
 def remembered_list(wh: Warehouse, model: str, audience: str) -> RememberedList | None:
@@ -295,8 +289,8 @@ def remember_list(
     wh: Warehouse, model: str, audience: str, list_id: str, list_name: str | None
 ) -> None:
     """Record the audience's list, so later runs (and renames in Klaviyo) reuse it."""
+    create_tables(wh, _lists_table_def(wh))
     with wh.engine.begin() as conn:
-        _ensure_lists(wh, conn)
         params = {"model": model, "audience": audience}
         conn.execute(
             sa.text(f"DELETE FROM {wh.table(LISTS)} WHERE model = :model AND audience = :audience"),

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from klaviyo_pipelines.actions.registry import ChangeKind
 from klaviyo_pipelines.config import SyncSpec
 from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.errors import engine_message, warehouse_step
 from klaviyo_pipelines.warehouse.snapshot import KEY, PARTITION, bad_keys_table, snapshot_table
 from klaviyo_pipelines.warehouse.state import (
     LEDGER,
@@ -41,6 +42,8 @@ class ChangeRow:
     row_hash: str
     values: dict[str, Any]
     partition: str | None = None
+    # (field, reason) when a value could not be read: the row is rejected with it, unsent.
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,24 +73,13 @@ def changes_table(sync: str, partition: str | None = None) -> str:
 
 
 def sync_hash_sql(wh: Warehouse, columns: Sequence[str], alias: str) -> str:
-    """SQL for a row's sync hash over the columns the sync reads and `:fingerprint`.
-
-    Each dialect uses its cheapest hash that tells NULL from '' and one column from the next,
-    since casting every value to text and md5-ing it was most of a change set's time.
-    DuckDB: its own 64-bit `hash()` over the typed values, no text at all. PostgreSQL: the
-    row as text (record syntax, so NULL and '' differ) through `hashtextextended`, the 64-bit
-    hash behind hash partitioning, hence stable across versions. Others: md5 over text.
-    Should a new version hash otherwise, each row is sent once more, never skipped. The
-    value is a number on DuckDB and PostgreSQL, kept so through the diff's join (a smaller
-    hash table than its text) and stored as text.
-    """
+    """SQL for a row's sync hash over the columns the sync reads and `:fingerprint`: each
+    engine's cheapest hash that tells NULL from '' and one column from the next (see
+    warehouse/dialects/). Should a new version hash otherwise, each row is sent once more,
+    never skipped. A number on some engines, kept so through the diff's join (a smaller hash
+    table than its text) and stored as text."""
     values = [f"{alias}.{wh.quote(c)}" for c in columns]
-    if wh.dialect == "duckdb":
-        return f"hash(CAST(:fingerprint AS VARCHAR), {', '.join(values)})"
-    if wh.dialect == "postgresql":
-        return f"hashtextextended(CAST(ROW({', '.join(values)}) AS TEXT) || :fingerprint, 0)"
-    parts = [f"COALESCE(CAST({v} AS VARCHAR) || 'v', 'n')" for v in values]
-    return "md5(" + " || chr(31) || ".join(parts) + " || :fingerprint)"
+    return wh.sql.sync_hash(values, wh.sql.cast_text(":fingerprint"))
 
 
 def compute_change_set(
@@ -115,7 +107,9 @@ def compute_change_set(
     snap, state = wh.table(snapshot_table(sync.model)), wh.table(state_table(sync.name))
     bad = wh.table(bad_keys_table(sync.model))
     ledger, table = wh.table(LEDGER), wh.table(changes_table(sync.name, partition))
-    diff = "kp_diff"  # a session's own scratch table: concurrent runs never share it
+    # A scratch table of this run's: concurrent runs never share it (see Warehouse.scratch).
+    diff = wh.scratch("kp_diff", f"{sync.name}\x1f{partition or ''}")
+    text = wh.sql.cast_text
     selected_kinds = ", ".join(f"'{kind.value}'" for kind in sync.on)  # enum values, not input
     invalid = (  # rows rejected as invalid before, under the hash they had then
         f"SELECT row_key, row_hash FROM {ledger} "
@@ -132,30 +126,32 @@ def compute_change_set(
     in_snapshot = f"s.{PARTITION} = :partition AND " if partition else ""
     in_state = "st.partition_key = :partition AND " if partition else ""
     params = {"fingerprint": fingerprint, "sync": sync.name, "partition": partition}
-    with wh.engine.begin() as conn:
-        if wh.dialect == "postgresql":  # fresh tables fool the estimates into costly JIT
-            conn.execute(sa.text("SET LOCAL jit = off"))
-        ensure_tables(wh, conn, sync.name)
+    ensure_tables(wh, sync.name)
+    with warehouse_step(wh.name, f"change set of sync {sync.name!r}"), wh.engine.begin() as conn:
+        for statement in wh.sql.set_session():
+            conn.execute(sa.text(statement))
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-        conn.execute(sa.text(f"DROP TABLE IF EXISTS {diff}"))  # a pooled session keeps its own
+        conn.execute(sa.text(wh.sql.drop_scratch(diff)))  # a pooled session keeps its own
         # Keys and hashes only, one join per statement: each holds one large hash table, so
         # DuckDB stays within its memory limit (both joins in one statement ran out of 1 GB
         # at 10M rows), and carrying every column made it hash the whole snapshot.
         conn.execute(
             sa.text(
-                f"""
-                CREATE TEMP TABLE {diff} AS
+                wh.sql.create_scratch_as(
+                    diff,
+                    f"""
                 WITH snap AS (
                     SELECT s.{KEY}, s.{PARTITION}, {sync_hash_sql(wh, columns, "s")} AS h
                     FROM {snap} AS s
                     WHERE {in_snapshot} s.{KEY} IS NOT NULL AND NOT EXISTS (
                         SELECT 1 FROM {bad} AS b WHERE b.{KEY} = s.{KEY})
                 )
-                SELECT s.{KEY}, CAST(s.h AS VARCHAR) AS _kp_hash, s.{PARTITION},
+                SELECT s.{KEY}, {text("s.h")} AS _kp_hash, s.{PARTITION},
                     CASE WHEN st.row_key IS NULL THEN 'added' ELSE 'updated' END AS _kp_kind
                 FROM snap AS s LEFT JOIN {state} AS st ON st.row_key = s.{KEY}
-                WHERE st.row_key IS NULL OR st.row_hash <> CAST(s.h AS VARCHAR)
-                """
+                WHERE st.row_key IS NULL OR st.row_hash <> {text("s.h")}
+                """,
+                )
             ),
             params,
         )
@@ -197,9 +193,9 @@ def compute_change_set(
             ),
             params,
         )
-        conn.execute(sa.text(f"DROP TABLE {diff}"))
-        if wh.dialect == "postgresql":
-            conn.execute(sa.text(f"CREATE INDEX ON {table} (_kp_seq)"))
+        conn.execute(sa.text(wh.sql.drop_scratch(diff)))
+        if index := wh.sql.index(table, ["_kp_seq"], "kp_seq"):
+            conn.execute(sa.text(index))
         counts = conn.execute(
             sa.text(f"SELECT _kp_kind, _kp_send, _kp_held, count(*) FROM {table} GROUP BY 1, 2, 3")
         ).all()
@@ -233,12 +229,18 @@ def _acknowledge(
     conn.execute(
         sa.text(
             f"INSERT INTO {state} (row_key, row_hash, row_json, partition_key, recorded_at) "
-            f"SELECT c.{KEY}, c._kp_hash, {wh.row_json_sql(columns, 'c')}, c.{PARTITION}, "
-            f"CAST(:now AS TIMESTAMP) FROM {table} AS c "
+            f"SELECT c.{KEY}, c._kp_hash, {wh.sql.row_json(columns, 'c')}, c.{PARTITION}, "
+            f"{wh.sql.cast_timestamp(':now')} FROM {table} AS c "
             "WHERE NOT c._kp_send AND NOT c._kp_held AND c._kp_kind <> 'deleted'"
         ),
         {"now": now()},
     )
+
+
+# What reading one value can raise when the value, not the connection, is at fault: a
+# PostgreSQL timestamp of 'infinity' or a BC date (psycopg: DataError), JSON nested deeper
+# than the driver's decoder goes (RecursionError), a value Python cannot represent.
+UNREADABLE_VALUE_ERRORS = (sa.exc.DataError, RecursionError, ValueError, OverflowError)
 
 
 def iter_changes(
@@ -250,35 +252,95 @@ def iter_changes(
 ) -> Iterator[list[ChangeRow]]:
     """Stream the rows to send in pages, in key order, holding one page in memory at a time.
 
-    Each page is its own short read, so delivery state can be committed between pages.
+    Each page is its own short read, so delivery state can be committed between pages. A
+    page that cannot be read because of a value is read again row by row, then a failing
+    row column by column: that row carries a `problem` (field, reason) and is rejected with
+    it; the others go on.
     """
     table = wh.table(changes_table(sync, partition))
     names = ", ".join(wh.quote(c) for c in columns)
-    query = sa.text(
-        f"SELECT {KEY}, _kp_kind, _kp_hash, _kp_row_json, {PARTITION}, {names} FROM {table} "
+    head = f"SELECT {KEY}, _kp_kind, _kp_hash, _kp_row_json, {PARTITION}"
+    page_query = sa.text(
+        f"{head}, {names} FROM {table} "
         "WHERE _kp_send AND _kp_seq > :low AND _kp_seq <= :high ORDER BY _kp_seq"
     )
-    kinds = {kind.value: kind for kind in ChangeKind}
-    deleted = ChangeKind.DELETED
     low = 0
     while True:
-        with wh.engine.connect() as conn:
-            rows = conn.execute(query, {"low": low, "high": low + page_size}).all()
-        if not rows:
+        bounds = {"low": low, "high": low + page_size}
+        with warehouse_step(wh.name, f"read the change set of sync {sync!r}"):
+            try:
+                with wh.engine.connect() as conn:
+                    rows = conn.execute(page_query, bounds).all()
+                page = [_change_row(columns, *row) for row in rows]
+            except UNREADABLE_VALUE_ERRORS:
+                page = _read_row_by_row(wh, table, head, columns, bounds)
+        if not page:
             return
-        page = []
-        for key, kind_name, row_hash, row_json, partition_key, *values in rows:
-            kind = kinds[kind_name]
-            page.append(
-                ChangeRow(
-                    key,
-                    kind,
-                    row_hash,
-                    (json.loads(row_json) if row_json else {})
-                    if kind is deleted
-                    else dict(zip(columns, values, strict=True)),
-                    partition_key,
-                )
-            )
         yield page
         low += page_size
+
+
+def _change_row(
+    columns: Sequence[str],
+    key: str,
+    kind_name: str,
+    row_hash: str,
+    row_json: str | None,
+    partition: str | None,
+    *values: Any,
+    problem: tuple[str, str] | None = None,
+) -> ChangeRow:
+    kind = ChangeKind(kind_name)
+    if kind is ChangeKind.DELETED:  # the row as last delivered: our own JSON
+        try:
+            values = json.loads(row_json) if row_json else {}
+        except (ValueError, RecursionError) as exc:
+            return ChangeRow(
+                key, kind, row_hash, {}, partition, ("row", f"unreadable: {_why(exc)}")
+            )
+        return ChangeRow(key, kind, row_hash, values, partition)
+    return ChangeRow(
+        key, kind, row_hash, dict(zip(columns, values, strict=True)), partition, problem
+    )
+
+
+def _read_row_by_row(
+    wh: Warehouse, table: str, head: str, columns: Sequence[str], bounds: dict[str, int]
+) -> list[ChangeRow]:
+    """A page one row at a time; a row that fails, one value at a time, to name the field."""
+    where = "WHERE _kp_send AND _kp_seq = :seq"
+    page = []
+    with wh.engine.connect() as conn:
+        seqs = conn.execute(
+            sa.text(
+                f"SELECT _kp_seq FROM {table} "
+                "WHERE _kp_send AND _kp_seq > :low AND _kp_seq <= :high ORDER BY _kp_seq"
+            ),
+            bounds,
+        ).scalars()
+        for seq in list(seqs):
+            names = ", ".join(wh.quote(c) for c in columns)
+            try:
+                row = conn.execute(sa.text(f"{head}, {names} FROM {table} {where}"), {"seq": seq})
+                page.append(_change_row(columns, *row.one()))
+                continue
+            except UNREADABLE_VALUE_ERRORS:
+                conn.rollback()  # PostgreSQL: the failed read ended the transaction
+            fixed = conn.execute(sa.text(f"{head} FROM {table} {where}"), {"seq": seq}).one()
+            values, problem = [], None
+            for column in columns:
+                try:
+                    query = sa.text(f"SELECT {wh.quote(column)} FROM {table} {where}")
+                    values.append(conn.execute(query, {"seq": seq}).scalar())
+                except UNREADABLE_VALUE_ERRORS as exc:
+                    conn.rollback()
+                    values.append(None)
+                    problem = problem or (column, f"cannot be read from the warehouse: {_why(exc)}")
+            page.append(_change_row(columns, *fixed, *values, problem=problem))
+    return page
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply for the driver to decode"
+    return engine_message(exc)

@@ -6,9 +6,11 @@ SQL is the one piece of SQL we run as given, since it is the user's own query.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +20,8 @@ from sqlalchemy.pool import NullPool
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from klaviyo_pipelines.config import ModelSpec
+from klaviyo_pipelines.warehouse.dialects import WarehouseDialect, dialect_class, dialect_for
+from klaviyo_pipelines.warehouse.errors import warehouse_step
 
 # DuckDB settings for our connections; the same keys in the warehouse URL's query override them
 # (`duckdb:///w.duckdb?memory_limit=4GB`). Our tables are sets read back in key order, so
@@ -38,6 +42,11 @@ DUCKDB_FILE_WAIT_SECONDS = 60.0
 # file (~18 ms, three times a page). The hold is let go whenever the run waits for Klaviyo and
 # after this long at most, so that other processes still get their turns.
 DUCKDB_HOLD_SECONDS = 1.0
+# A colon that SQLAlchemy's text() would read as a bind parameter, and ours (config.py binds
+# each `${VAR}` of a model's SQL as `:kp_env_<n>`).
+_COLON = re.compile(r"(?<![:\w\\]):(?=\w)(\w*)")
+_ENV_PARAM = re.compile(r":kp_env_\d+\Z")
+_CREATE_ATTEMPTS = 6  # ~1.6 s of waiting for a racing first run to commit its DDL
 
 
 def _file_held_by_another_process(exc: BaseException) -> bool:
@@ -58,6 +67,7 @@ class Warehouse:
     def __init__(self, url: str, state_schema: str = "klaviyo_sync") -> None:
         self.url = url
         self.state_schema = state_schema
+        dialect_class(url)  # UnsupportedWarehouse before any driver is imported
         # DuckDB allows one writing process per file: release it between uses so that Dagster
         # run workers, the CLI and the UI can take turns.
         kwargs: dict[str, Any] = (
@@ -66,7 +76,10 @@ class Warehouse:
             else {"pool_pre_ping": True}
         )
         self.engine: Engine = sa.create_engine(url, **kwargs)
-        self.dialect = self.engine.dialect.name
+        self.sql: WarehouseDialect = dialect_for(self.engine)
+        self.dialect = self.sql.name  # "mysql" for MariaDB too
+        # The warehouse as messages name it: the URL with its password masked.
+        self.name = self.engine.url.render_as_string(hide_password=True)
         self._holders = 0  # deliveries inside `holding_file` (Dagster may run several in threads)
         self._hold: Any = None  # the idle DBAPI connection that keeps the file open
         self._held_since = 0.0
@@ -88,7 +101,7 @@ class Warehouse:
                     self.let_go()
 
     def __repr__(self) -> str:
-        return f"Warehouse({self.engine.url.render_as_string(hide_password=True)!r})"
+        return f"Warehouse({self.name!r})"
 
     def dispose(self) -> None:
         self.let_go()
@@ -121,20 +134,72 @@ class Warehouse:
             hold.close()
 
     def quote(self, name: str) -> str:
-        return self.engine.dialect.identifier_preparer.quote_identifier(name)
+        return self.sql.quote(name)
+
+    def fit(self, name: str) -> str:
+        """One of our table names, within the engine's identifier limit: a name too long
+        keeps its start and gains a hash of the whole, so two long names never collide
+        (PostgreSQL cuts at 63 bytes, and two syncs sharing 56 characters shared tables;
+        SQLAlchemy holds DuckDB to PostgreSQL's limit too)."""
+        limit = min(self.sql.max_identifier_length, self.engine.dialect.max_identifier_length)
+        if len(name.encode()) <= limit:
+            return name
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        head = name.encode()[: limit - len(digest) - 1].decode(errors="ignore")
+        return f"{head}_{digest}"
 
     def table(self, name: str) -> str:
         """A quoted, schema-qualified name of one of our own tables."""
-        return f"{self.quote(self.state_schema)}.{self.quote(name)}"
+        return f"{self.quote(self.state_schema)}.{self.quote(self.fit(name))}"
+
+    def scratch(self, name: str, owner: str) -> str:
+        """A working table for one statement sequence of `owner` (a sync): connection-local
+        where the engine has temporary tables, else a table of the state schema named for
+        its owner, whom the run lock keeps to one run at a time."""
+        if self.sql.session_temp_tables:
+            return self.quote(name)
+        return self.table(f"{name}__{hashlib.sha256(owner.encode()).hexdigest()[:12]}")
 
     def model_sql(self, model: ModelSpec) -> str:
-        if model.sql is not None:
-            return model.sql.strip().rstrip(";")
-        assert model.table is not None
-        return "select * from " + ".".join(self.quote(part) for part in model.table.split("."))
+        """The model's query as SQL text for SQLAlchemy: its own colons escaped (`':x'` in a
+        literal is not a parameter), `${VAR}` values bound as `:kp_env_<n>` (config.py),
+        and on its own lines, so a trailing `-- comment` ends where the query does."""
+        if model.sql is None:
+            assert model.table is not None
+            return "select * from " + ".".join(self.quote(p) for p in model.table.split("."))
+        sql = model.sql.strip()
+        while sql.endswith(";"):
+            sql = sql[:-1].rstrip()
+        escaped = _COLON.sub(lambda m: m[0] if _ENV_PARAM.match(m[0]) else "\\" + m[0], sql)
+        return f"\n{escaped}\n"
 
-    def ensure_schema(self, conn: Connection) -> None:
-        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {self.quote(self.state_schema)}"))
+    def ensure_schema(self) -> None:
+        """Create the state schema in its own transaction; two first runs racing to create it
+        (PostgreSQL: UniqueViolation; DuckDB: write-write conflict) both go on."""
+        schema = self.quote(self.state_schema)
+        with warehouse_step(self.name, "create the state schema"):
+            self.create_racing(
+                lambda conn: conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {schema}")),
+                lambda conn: self.state_schema in sa.inspect(conn).get_schema_names(),
+            )
+
+    def create_racing(
+        self, create: Callable[[Connection], object], exists: Callable[[Connection], bool]
+    ) -> None:
+        """Run `create` in a transaction of its own; when it fails, another process may be
+        creating the same thing: wait for it to be there, a few times, before failing."""
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    create(conn)
+                return
+            except sa.exc.DBAPIError:
+                with self.engine.connect() as conn:
+                    if exists(conn):
+                        return
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt)
 
     @contextmanager
     def uncompressed(self, conn: Connection) -> Iterator[None]:
@@ -150,22 +215,15 @@ class Warehouse:
             conn.execute(sa.text("RESET force_compression"))
 
     def table_exists(self, conn: Connection, name: str) -> bool:
-        return sa.inspect(conn).has_table(name, schema=self.state_schema)
+        return sa.inspect(conn).has_table(self.fit(name), schema=self.state_schema)
 
-    def columns_of_query(self, conn: Connection, sql: str) -> list[str]:
-        result = conn.execute(sa.text(f"SELECT * FROM ({sql}) AS kp_model WHERE 1 = 0"))
+    def columns_of_query(
+        self, conn: Connection, sql: str, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        result = conn.execute(
+            sa.text(f"SELECT * FROM ({sql}) AS kp_model WHERE 1 = 0"), params or {}
+        )
         return list(result.keys())
-
-    def row_json_sql(self, columns: Sequence[str], alias: str) -> str:
-        """SQL for a JSON text object of `alias`'s columns: how a row was, kept in the state."""
-        names = [self.quote(c) for c in columns]
-        if self.dialect == "postgresql":
-            listed = ", ".join(f"{alias}.{n}" for n in names)
-            return f"CAST((SELECT row_to_json(r) FROM (SELECT {listed}) AS r) AS VARCHAR)"
-        if self.dialect == "duckdb":
-            packed = ", ".join(f"{n} := {alias}.{n}" for n in names)
-            return f"CAST(to_json(struct_pack({packed})) AS VARCHAR)"
-        return "CAST(NULL AS VARCHAR)"  # other warehouses: deletions then carry the key only
 
     def bulk_insert(
         self, conn: Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]

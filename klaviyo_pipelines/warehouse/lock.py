@@ -6,9 +6,14 @@ run holds a lock for its whole length, in up to three layers:
 
 - in the process, a `threading.Lock` per warehouse, schema and sync (threads, Dagster's
   in-process executor);
-- on PostgreSQL, a session advisory lock on a hash of the schema and the sync, held on its own
-  connection outside any transaction, so the delivery transactions commit freely while it is
-  held; PostgreSQL releases it when that connection ends, also when the process is killed;
+- on PostgreSQL and MySQL/MariaDB, the engine's session lock (advisory lock, GET_LOCK) on a
+  hash of the schema and the sync, held on its own connection outside any transaction, so
+  the delivery transactions commit freely while it is held; the server releases it when
+  that connection ends, also when the process is killed;
+- on engines without one (Snowflake, BigQuery, Redshift, Databricks), a lease row in
+  `run_locks` of the state schema: taken by an UPDATE that only succeeds on a free or expired
+  lease (such DML on one table is serialized by those engines), renewed while the run lasts,
+  cleared at its end; a killed run's lease expires after LEASE_SECONDS;
 - on a DuckDB file, an exclusive `flock` on `<file>.locks/<schema>.<sync>.lock`: DuckDB's
   own file lock lasts one connection, and connections are released between statements (a
   delivery's within a second, see `engine.DUCKDB_HOLD_SECONDS`) so that other processes can
@@ -22,16 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.errors import warehouse_step
+from klaviyo_pipelines.warehouse.state import create_tables, now
 
 try:
     import fcntl
@@ -39,6 +49,10 @@ except ImportError:  # Windows: the process-wide lock still applies
     fcntl = None  # type: ignore[assignment]
 
 _POLL_SECONDS = 0.05
+LOCKS = "run_locks"
+# A lease outlives its run by at most this long when the process is killed; renewed every
+# third of it while the run lasts.
+LEASE_SECONDS = 120.0
 _process_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _process_locks_guard = threading.Lock()
 
@@ -68,8 +82,10 @@ def sync_lock(
     deadline = time.monotonic() + wait
     with ExitStack() as stack:
         stack.enter_context(_process_lock(wh, name, label, deadline))
-        if wh.dialect == "postgresql":
-            stack.enter_context(_advisory_lock(wh, name, label, deadline))
+        if wh.sql.has_session_lock:
+            stack.enter_context(_session_lock(wh, name, label, deadline))
+        elif wh.dialect != "duckdb":
+            stack.enter_context(_lease(wh, name, label, deadline))
         elif (database := duckdb_file(wh)) is not None:
             stem = sync if partition is None else f"{sync}.{_digest(partition)}"
             locks = database.with_name(f"{database.name}.locks")  # one folder, not dozens of files
@@ -102,7 +118,7 @@ def duckdb_file(wh: Warehouse) -> Path | None:
 
 def _warehouse_id(wh: Warehouse) -> str:
     path = duckdb_file(wh)
-    return str(path) if path else wh.engine.url.render_as_string(hide_password=True)
+    return str(path) if path else wh.name
 
 
 @contextmanager
@@ -119,30 +135,94 @@ def _process_lock(wh: Warehouse, name: str, label: str, deadline: float) -> Iter
 
 
 @contextmanager
-def _advisory_lock(wh: Warehouse, name: str, label: str, deadline: float) -> Iterator[None]:
-    key = {"key": lock_id(wh.state_schema, name)}
-    conn: Connection = wh.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+def _session_lock(wh: Warehouse, name: str, label: str, deadline: float) -> Iterator[None]:
+    key = lock_id(wh.state_schema, name)
+    lock_name = f"{wh.state_schema}\x1f{name}"
+    with warehouse_step(wh.name, f"lock of {label}"):
+        conn: Connection = wh.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     try:
-        while not conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), key).scalar():
-            if time.monotonic() >= deadline:
-                holder = conn.execute(
-                    sa.text(
-                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                        "AND ((classid::bigint << 32) | objid::bigint) = :key LIMIT 1"
-                    ),
-                    key,
-                ).scalar()
-                where = f"PostgreSQL backend {holder}" if holder else "another session"
-                raise SyncLocked(label, f"advisory lock held by {where}")
-            time.sleep(_POLL_SECONDS)
+        with warehouse_step(wh.name, f"lock of {label}"):
+            while not wh.sql.acquire_session_lock(conn, key, lock_name):
+                if time.monotonic() >= deadline:
+                    holder = wh.sql.lock_holder(conn, key, lock_name)
+                    raise SyncLocked(label, f"lock held by {holder}")
+                time.sleep(_POLL_SECONDS)
         try:
             yield
         finally:
             # a session that broke meanwhile has lost the lock already; never mask the run
             with suppress(sa.exc.DBAPIError):
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), key)
+                wh.sql.release_session_lock(conn, key, lock_name)
     finally:
         conn.close()
+
+
+def _locks_table_def(wh: Warehouse) -> sa.Table:
+    return sa.Table(
+        LOCKS,
+        sa.MetaData(),
+        sa.Column("name", wh.sql.key_type, nullable=False),
+        sa.Column("holder", wh.sql.key_type),
+        sa.Column("expires_at", wh.sql.time_type),
+        schema=wh.state_schema,
+    )
+
+
+@contextmanager
+def _lease(wh: Warehouse, name: str, label: str, deadline: float) -> Iterator[None]:
+    """A lease row: taken by one UPDATE that matches only a free or expired lease."""
+    table = wh.table(LOCKS)
+    key = f"{lock_id(wh.state_schema, name):x}"
+    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    ts = wh.sql.cast_timestamp
+    params = {"name": key, "me": me}
+    with warehouse_step(wh.name, f"lock of {label}"):
+        create_tables(wh, _locks_table_def(wh))
+        with wh.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {table} (name, holder, expires_at) "
+                    f"SELECT {wh.sql.cast_text(':name')}, NULL, NULL "
+                    f"FROM (SELECT 1 AS one) AS z WHERE NOT EXISTS "
+                    f"(SELECT 1 FROM {table} WHERE name = :name)"
+                ),
+                params,
+            )
+        take = sa.text(
+            f"UPDATE {table} SET holder = :me, expires_at = {ts(':until')} WHERE name = :name "
+            f"AND (holder IS NULL OR holder = :me OR expires_at < {ts(':now')})"
+        )
+
+        def renew() -> bool:
+            stamp = now()
+            until = stamp + timedelta(seconds=LEASE_SECONDS)
+            with wh.engine.begin() as conn:
+                result = conn.execute(take, {**params, "now": stamp, "until": until})
+            return result.rowcount > 0
+
+        while not renew():
+            if time.monotonic() >= deadline:
+                raise SyncLocked(label, f"lease in {table} held by another run")
+            time.sleep(_POLL_SECONDS * 10)
+    stop = threading.Event()
+
+    def keep_renewing() -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
+            with suppress(sa.exc.SQLAlchemyError):
+                renew()
+
+    renewer = threading.Thread(target=keep_renewing, name=f"lease {label}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        with suppress(sa.exc.SQLAlchemyError), wh.engine.begin() as conn:
+            conn.execute(
+                sa.text(f"UPDATE {table} SET holder = NULL WHERE name = :name AND holder = :me"),
+                params,
+            )
 
 
 @contextmanager

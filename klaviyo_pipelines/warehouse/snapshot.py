@@ -18,6 +18,8 @@ from sqlalchemy.engine import Connection
 from klaviyo_pipelines.config import ConfigError, ModelSpec
 from klaviyo_pipelines.warehouse.audiences import audience_filter, audience_select
 from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.errors import engine_message, warehouse_step
+from klaviyo_pipelines.warehouse.state import create_tables
 
 KEY = "_kp_key"
 PARTITION = "_kp_partition"
@@ -56,12 +58,11 @@ def resolve_column(columns: list[str] | tuple[str, ...], wanted: str) -> str | N
 def model_columns(wh: Warehouse, conn: Connection, model: ModelSpec, config_path: str) -> list[str]:
     """The model's columns, read without running the query; a broken query is a config error."""
     try:
-        columns = wh.columns_of_query(conn, wh.model_sql(model))
-    except sa.exc.SQLAlchemyError as exc:
+        columns = wh.columns_of_query(conn, wh.model_sql(model), dict(model.sql_params))
+    except sa.exc.ProgrammingError as exc:  # a missing table or column, bad SQL: the config's
         source = "sql" if model.sql is not None else "table"
-        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         raise ConfigError(
-            config_path, f"models.{model.name}.{source}", f"cannot be read: {detail}"
+            config_path, f"models.{model.name}.{source}", f"cannot be read: {engine_message(exc)}"
         ) from None
     clash = RESERVED_COLUMNS.intersection(columns)
     if clash:
@@ -84,8 +85,9 @@ def take_snapshot(
     started = time.monotonic()
     final = snapshot_table(model.name)
     table = wh.table(final)
-    with wh.engine.begin() as conn:
-        wh.ensure_schema(conn)
+    create_tables(wh, bad_keys_table_def(wh, model.name))
+    step = f"snapshot of model {model.name!r}"
+    with warehouse_step(wh.name, step), wh.engine.begin() as conn:
         columns = model_columns(wh, conn, model, config_path)
         select, bound = _snapshot_select(wh, model, columns, config_path)
         if partition is None:
@@ -94,7 +96,8 @@ def take_snapshot(
             with wh.uncompressed(conn):
                 conn.execute(sa.text(f"CREATE TABLE {wh.table(staging)} AS {select}"), bound)
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-            conn.execute(sa.text(f"ALTER TABLE {wh.table(staging)} RENAME TO {wh.quote(final)}"))
+            rename = wh.sql.rename_table(wh.state_schema, wh.fit(staging), wh.fit(final))
+            conn.execute(sa.text(rename))
             _index(wh, conn, table, model.partitioned)
         else:
             with wh.uncompressed(conn):
@@ -129,7 +132,8 @@ def _snapshot_select(
     if model.audience is not None:
         return audience_select(wh, model, columns, config_path)
     pk = resolve_column(columns, model.primary_key)
-    day = "CAST(NULL AS VARCHAR)"
+    assert pk is not None  # model_columns checked it
+    day = wh.sql.cast_text("NULL")
     if model.partition is not None:
         column = resolve_column(columns, model.partition.column)
         if column is None:
@@ -138,11 +142,11 @@ def _snapshot_select(
                 f"models.{model.name}.partition.column",
                 f"column {model.partition.column!r} is not in the model",
             )
-        day = f"CAST(CAST(m.{wh.quote(column)} AS DATE) AS VARCHAR)"
+        day = wh.sql.cast_day(f"m.{wh.quote(column)}")
     return (
-        f"SELECT m.*, CAST(m.{wh.quote(pk)} AS VARCHAR) AS {KEY}, {day} AS {PARTITION} "
+        f"SELECT m.*, {wh.sql.cast_key(f'm.{wh.quote(pk)}')} AS {KEY}, {day} AS {PARTITION} "
         f"FROM ({wh.model_sql(model)}) AS m"
-    ), {}
+    ), dict(model.sql_params)
 
 
 def _replace_partition(
@@ -166,7 +170,9 @@ def _replace_partition(
         if wh.table_exists(conn, final)
         else None
     )
-    if existing != expected:  # new, or the model's columns changed: start the table afresh
+    # (Snowflake reports our lower-case names upper-cased.)
+    if [c.lower() for c in existing or []] != [c.lower() for c in expected]:
+        # new, or the model's columns changed: start the table afresh
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
         conn.execute(sa.text(f"CREATE TABLE {table} AS {select} WHERE 1 = 0"), bound)
         _index(wh, conn, table, partitioned=True)
@@ -178,12 +184,13 @@ def _replace_partition(
     assert model.partition is not None
     start = date.fromisoformat(day)
     column = wh.quote(resolve_column(columns, model.partition.column) or model.partition.column)
+    ts = wh.sql.cast_timestamp
     conn.execute(
         sa.text(
-            f"INSERT INTO {table} {select} WHERE m.{column} >= CAST(:start AS TIMESTAMP) "
-            f"AND m.{column} < CAST(:end AS TIMESTAMP)"
+            f"INSERT INTO {table} {select} WHERE m.{column} >= {ts(':start')} "
+            f"AND m.{column} < {ts(':end')}"
         ),
-        {"start": start.isoformat(), "end": (start + timedelta(days=1)).isoformat()},
+        {**bound, "start": start.isoformat(), "end": (start + timedelta(days=1)).isoformat()},
     )
 
 
@@ -192,10 +199,7 @@ def _record_bad_keys(wh: Warehouse, conn: Connection, model: str, partition: str
     check, the ledger and every sync's change set then read instead of re-counting."""
     table, bad = wh.table(snapshot_table(model)), wh.table(bad_keys_table(model))
     scope, params = _scope(partition)
-    conn.execute(
-        sa.text(f"CREATE TABLE IF NOT EXISTS {bad} ({KEY} VARCHAR, n BIGINT, {PARTITION} VARCHAR)")
-    )
-    conn.execute(sa.text(f"DELETE FROM {bad} {scope}"), params)
+    conn.execute(sa.text(f"DELETE FROM {bad} {scope or 'WHERE 1 = 1'}"), params)
     conn.execute(
         sa.text(
             f"INSERT INTO {bad} SELECT {KEY}, count(*), max({PARTITION}) FROM {table} {scope} "
@@ -206,10 +210,22 @@ def _record_bad_keys(wh: Warehouse, conn: Connection, model: str, partition: str
 
 
 def _index(wh: Warehouse, conn: Connection, table: str, partitioned: bool) -> None:
-    if wh.dialect == "postgresql":  # DuckDB's zone maps serve these scans without one
-        conn.execute(sa.text(f"CREATE INDEX ON {table} ({KEY})"))
-        if partitioned:
-            conn.execute(sa.text(f"CREATE INDEX ON {table} ({PARTITION})"))
+    """Indexes where the engine has them (DuckDB's zone maps and the cloud warehouses' scans
+    do without): MySQL would otherwise join snapshot and state row by row."""
+    for column in [KEY, PARTITION] if partitioned else [KEY]:
+        if index := wh.sql.index(table, [column], column):
+            conn.execute(sa.text(index))
+
+
+def bad_keys_table_def(wh: Warehouse, model: str) -> sa.Table:
+    return sa.Table(
+        wh.fit(bad_keys_table(model)),
+        sa.MetaData(),
+        sa.Column(KEY, wh.sql.key_type),
+        sa.Column("n", sa.BigInteger),
+        sa.Column(PARTITION, wh.sql.key_type),
+        schema=wh.state_schema,
+    )
 
 
 def _scope(partition: str | None) -> tuple[str, dict[str, Any]]:
@@ -247,14 +263,16 @@ def snapshot_rows_for_keys(
         return {}
     table = wh.table(snapshot_table(model))
     grouped: dict[str, list[dict[str, Any]]] = {}
-    with wh.engine.begin() as conn:
-        conn.execute(sa.text("CREATE TEMP TABLE IF NOT EXISTS kp_wanted_keys (k VARCHAR)"))
-        conn.execute(sa.text("DELETE FROM kp_wanted_keys"))
-        wh.bulk_insert(conn, "kp_wanted_keys", ["k"], ((k,) for k in set(keys)))
+    wanted = wh.scratch("kp_wanted_keys", model)
+    with warehouse_step(wh.name, f"read model {model!r}"), wh.engine.begin() as conn:
+        key_type = wh.sql.key_type.compile(dialect=wh.engine.dialect)
+        conn.execute(sa.text(wh.sql.create_scratch(wanted, f"k {key_type}")))
+        conn.execute(sa.text(wh.sql.empty(wanted)))
+        wh.bulk_insert(conn, wanted, ["k"], ((k,) for k in set(keys)))
         result = conn.execute(
             sa.text(
-                f"SELECT s.* FROM {table} AS s JOIN kp_wanted_keys AS w "
-                f"ON CAST(s.{wh.quote(key_column)} AS VARCHAR) = w.k"
+                f"SELECT s.* FROM {table} AS s JOIN {wanted} AS w "
+                f"ON {wh.sql.cast_key(f's.{wh.quote(key_column)}')} = w.k"
             )
         )
         names = [c for c in result.keys() if c not in RESERVED_COLUMNS]  # noqa: SIM118 - a cursor

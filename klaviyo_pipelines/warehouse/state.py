@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.errors import warehouse_step
 
 LEDGER = "ledger"
 RUNS = "sync_runs"
@@ -70,51 +71,97 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def ensure_tables(wh: Warehouse, conn: Connection, sync: str) -> None:
+def _name_type(wh: Warehouse) -> sa.types.TypeEngine:
+    """Sync and model names, kinds, statuses: short text (MySQL indexes them with a key)."""
+    return sa.String(255) if wh.dialect == "mysql" else wh.sql.key_type
+
+
+def state_table_def(wh: Warehouse, sync: str) -> sa.Table:
+    name = wh.fit(state_table(sync))
+    k, text, time_ = wh.sql.key_type, wh.sql.text_type, wh.sql.time_type
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("row_key", k, nullable=False),
+        sa.Column("row_hash", k, nullable=False),
+        sa.Column("row_json", text),
+        sa.Column("partition_key", k),
+        sa.Column("recorded_at", time_, nullable=False),
+        *(
+            [sa.Index(wh.fit(f"{state_table(sync)}__key"), "row_key", unique=True)]
+            if wh.sql.supports_indexes
+            else []
+        ),
+        schema=wh.state_schema,
+    )
+
+
+def ledger_table_def(wh: Warehouse) -> sa.Table:
+    k, n, text, time_ = wh.sql.key_type, _name_type(wh), wh.sql.text_type, wh.sql.time_type
+    return sa.Table(
+        LEDGER,
+        sa.MetaData(),
+        sa.Column("sync", n, nullable=False),
+        sa.Column("row_key", k, nullable=False),
+        sa.Column("row_hash", k, nullable=False),
+        sa.Column("kind", n, nullable=False),
+        sa.Column("field", n),
+        sa.Column("reason", text, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("first_seen", time_, nullable=False),
+        sa.Column("last_seen", time_, nullable=False),
+        *(
+            [sa.Index("ledger__sync_key", "sync", "row_key", unique=True)]
+            if wh.sql.supports_indexes
+            else []
+        ),
+        schema=wh.state_schema,
+    )
+
+
+def runs_table_def(wh: Warehouse) -> sa.Table:
+    n, text, time_ = _name_type(wh), wh.sql.text_type, wh.sql.time_type
+    return sa.Table(
+        RUNS,
+        sa.MetaData(),
+        sa.Column("run_id", n, nullable=False),
+        sa.Column("sync", n, nullable=False),
+        sa.Column("started_at", time_, nullable=False),
+        sa.Column("finished_at", time_, nullable=False),
+        sa.Column("status", n, nullable=False),
+        sa.Column("report_json", text, nullable=False),
+        schema=wh.state_schema,
+    )
+
+
+def create_tables(wh: Warehouse, *tables: sa.Table) -> None:
+    """Create our tables where missing, each engine with its own types, in a transaction of
+    their own: when two first runs race to create one, the loser finds it there and goes on."""
+    wh.ensure_schema()
+    with warehouse_step(wh.name, "create the state tables"):
+        for table in tables:
+            wh.create_racing(
+                lambda conn, t=table: t.create(conn, checkfirst=True),
+                lambda conn, t=table: sa.inspect(conn).has_table(t.name, schema=t.schema),
+            )
+
+
+def ensure_tables(wh: Warehouse, sync: str) -> None:
     """Create the sync's state table and the shared ledger and run log when missing."""
-    wh.ensure_schema(conn)
-    conn.execute(
-        sa.text(
-            f"CREATE TABLE IF NOT EXISTS {wh.table(state_table(sync))} ("
-            "row_key VARCHAR NOT NULL, row_hash VARCHAR NOT NULL, row_json VARCHAR, "
-            "partition_key VARCHAR, recorded_at TIMESTAMP NOT NULL)"
-        )
-    )
-    conn.execute(
-        sa.text(
-            f"CREATE TABLE IF NOT EXISTS {wh.table(LEDGER)} ("
-            "sync VARCHAR NOT NULL, row_key VARCHAR NOT NULL, row_hash VARCHAR NOT NULL, "
-            "kind VARCHAR NOT NULL, field VARCHAR, reason VARCHAR NOT NULL, "
-            "attempts INTEGER NOT NULL, first_seen TIMESTAMP NOT NULL, last_seen TIMESTAMP NOT NULL)"
-        )
-    )
-    conn.execute(
-        sa.text(
-            f"CREATE TABLE IF NOT EXISTS {wh.table(RUNS)} ("
-            "run_id VARCHAR NOT NULL, sync VARCHAR NOT NULL, started_at TIMESTAMP NOT NULL, "
-            "finished_at TIMESTAMP NOT NULL, status VARCHAR NOT NULL, report_json VARCHAR NOT NULL)"
-        )
-    )
-    if wh.dialect == "postgresql":
-        conn.execute(
-            sa.text(
-                f"CREATE UNIQUE INDEX IF NOT EXISTS {wh.quote(state_table(sync) + '__key')} "
-                f"ON {wh.table(state_table(sync))} (row_key)"
-            )
-        )
-        conn.execute(
-            sa.text(
-                f"CREATE UNIQUE INDEX IF NOT EXISTS ledger__sync_key ON {wh.table(LEDGER)} "
-                "(sync, row_key)"
-            )
-        )
+    create_tables(wh, state_table_def(wh, sync), ledger_table_def(wh), runs_table_def(wh))
 
 
-def _staging(wh: Warehouse, conn: Connection, name: str, columns: str) -> str:
-    """A session-local scratch table, emptied, for set-based merges of one batch."""
-    conn.execute(sa.text(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns})"))
-    conn.execute(sa.text(f"DELETE FROM {name}"))
-    return name
+def _ddl(wh: Warehouse, type_: sa.types.TypeEngine) -> str:
+    """A column type as this engine's DDL spells it."""
+    return type_.compile(dialect=wh.engine.dialect)
+
+
+def _staging(wh: Warehouse, conn: Connection, name: str, owner: str, columns: str) -> str:
+    """A scratch table, emptied, for set-based merges of one batch (see `Warehouse.scratch`)."""
+    table = wh.scratch(name, owner)
+    conn.execute(sa.text(wh.sql.create_scratch(table, columns)))
+    conn.execute(sa.text(wh.sql.empty(table)))
+    return table
 
 
 def record_outcomes(
@@ -127,12 +174,14 @@ def record_outcomes(
     state, ledger = wh.table(state_table(sync)), wh.table(LEDGER)
     with wh.engine.begin() as conn:
         if delivered:
+            key = _ddl(wh, wh.sql.key_type)
             staged = _staging(
                 wh,
                 conn,
                 "kp_delivered_in",
-                "row_key VARCHAR, row_hash VARCHAR, row_json VARCHAR, deletion BOOLEAN, "
-                "partition_key VARCHAR",
+                sync,
+                f"row_key {key}, row_hash {key}, row_json {_ddl(wh, wh.sql.text_type)}, "
+                f"deletion BOOLEAN, partition_key {key}",
             )
             wh.bulk_insert(
                 conn,
@@ -181,11 +230,14 @@ def _merge_failures(
     wh: Warehouse, conn: Connection, sync: str, failures: Sequence[Failure], stamp: datetime
 ) -> None:
     ledger = wh.table(LEDGER)
+    key, name = _ddl(wh, wh.sql.key_type), _ddl(wh, _name_type(wh))
     staged = _staging(
         wh,
         conn,
         "kp_failures_in",
-        "row_key VARCHAR, row_hash VARCHAR, kind VARCHAR, field VARCHAR, reason VARCHAR",
+        sync,
+        f"row_key {key}, row_hash {key}, kind {name}, field {name}, "
+        f"reason {_ddl(wh, wh.sql.text_type)}",
     )
     # The last word on a key wins when one batch reports it twice.
     unique = {f.key: f for f in failures}
@@ -196,20 +248,26 @@ def _merge_failures(
         ((f.key, f.row_hash, f.kind.value, f.field, f.reason) for f in unique.values()),
     )
     params = {"sync": sync, "stamp": stamp}
-    conn.execute(
-        sa.text(
-            f"UPDATE {ledger} SET row_hash = i.row_hash, kind = i.kind, field = i.field, "
-            f"reason = i.reason, attempts = {ledger}.attempts + 1, last_seen = :stamp "
-            f"FROM {staged} AS i WHERE {ledger}.sync = :sync AND {ledger}.row_key = i.row_key"
-        ),
-        params,
+    update = wh.sql.update_from(
+        ledger,
+        staged,
+        "t.sync = :sync AND t.row_key = i.row_key",
+        [
+            ("row_hash", "i.row_hash"),
+            ("kind", "i.kind"),
+            ("field", "i.field"),
+            ("reason", "i.reason"),
+            ("attempts", "t.attempts + 1"),
+            ("last_seen", ":stamp"),
+        ],
     )
+    conn.execute(sa.text(update), params)
     conn.execute(
         sa.text(
             f"INSERT INTO {ledger} (sync, row_key, row_hash, kind, field, reason, attempts, "
             "first_seen, last_seen) "
-            f"SELECT CAST(:sync AS VARCHAR), i.row_key, i.row_hash, i.kind, i.field, i.reason, 1, "
-            "CAST(:stamp AS TIMESTAMP), CAST(:stamp AS TIMESTAMP) "
+            f"SELECT {wh.sql.cast_text(':sync')}, i.row_key, i.row_hash, i.kind, i.field, "
+            f"i.reason, 1, {wh.sql.cast_timestamp(':stamp')}, {wh.sql.cast_timestamp(':stamp')} "
             f"FROM {staged} AS i WHERE NOT EXISTS (SELECT 1 FROM {ledger} AS l "
             "WHERE l.sync = :sync AND l.row_key = i.row_key)"
         ),
