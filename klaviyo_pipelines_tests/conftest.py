@@ -104,6 +104,12 @@ def warehouse_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("duckdb_url" if request.param == "duckdb" else "postgres_url")
 
 
+@pytest.fixture(params=["duckdb", "postgres", "mariadb"])
+def every_warehouse_url(request: pytest.FixtureRequest) -> str:
+    """The warehouse suite's engines: every one that runs here (docs/warehouses.md)."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
 @pytest.fixture
 def sandbox(monkeypatch: pytest.MonkeyPatch):
     """A Klaviyo sandbox over real HTTP on loopback, with the test key exported."""

@@ -22,21 +22,22 @@ from klaviyo_pipelines.sandbox import Sandbox
 from klaviyo_pipelines.sandbox.state import SandboxState
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.state import ledger_entries, state_table
+from klaviyo_pipelines_tests.conftest import state_schema_for
 
 VIP_LIST = "VIPLST"
 CHURN_LIST = "CHURNL"
 SYNCS = ("profiles", "views", "orders", "optins", "optouts", "churn")
 
 SHOP_CONFIG = """
-warehouse: {{url: "{url}"}}
+warehouse: {{url: "{url}", state_schema: {state_schema}}}
 klaviyo: {{api_key: "${{KLAVIYO_API_KEY}}", base_url: "{base_url}"}}
 models:
-  customers: {{sql: "select * from shop.customers", primary_key: customer_id}}
-  page_views: {{sql: "select * from shop.page_views", primary_key: view_id}}
-  orders: {{sql: "select * from shop.orders", primary_key: order_id}}
-  optins: {{sql: "select * from shop.optins", primary_key: optin_id}}
-  optouts: {{sql: "select * from shop.optouts", primary_key: optout_id}}
-  churned: {{sql: "select * from shop.churned", primary_key: churn_id}}
+  customers: {{sql: "select * from {shop}.customers", primary_key: customer_id}}
+  page_views: {{sql: "select * from {shop}.page_views", primary_key: view_id}}
+  orders: {{sql: "select * from {shop}.orders", primary_key: order_id}}
+  optins: {{sql: "select * from {shop}.optins", primary_key: optin_id}}
+  optouts: {{sql: "select * from {shop}.optouts", primary_key: optout_id}}
+  churned: {{sql: "select * from {shop}.churned", primary_key: churn_id}}
 syncs:
   profiles:
     model: customers
@@ -71,6 +72,8 @@ syncs:
 def shop_config_text(url: str, base_url: str, batch: int = 100) -> str:
     return SHOP_CONFIG.format(
         url=url,
+        state_schema=state_schema_for(url),
+        shop=shop_schema(url),
         base_url=base_url,
         vip=VIP_LIST,
         churn=CHURN_LIST,
@@ -117,16 +120,37 @@ class Shop:
         return {row[0] for row in table}
 
 
-TABLES = {
-    "customers": "customer_id VARCHAR, email VARCHAR, phone VARCHAR, first_name VARCHAR, "
-    "ltv DOUBLE PRECISION",
-    "page_views": "view_id VARCHAR, email VARCHAR, url VARCHAR, viewed_at TIMESTAMP",
-    "orders": "order_id VARCHAR, email VARCHAR, total DOUBLE PRECISION, placed_at TIMESTAMP, "
-    "products VARCHAR",
-    "optins": "optin_id VARCHAR, email VARCHAR",
-    "optouts": "optout_id VARCHAR, email VARCHAR",
-    "churned": "churn_id VARCHAR, email VARCHAR",
+_TEXT, _NUMBER, _TIME = sa.String(255), sa.Float, sa.DateTime
+TABLES = {  # SQLAlchemy types: each engine spells them its own way (MySQL wants lengths)
+    "customers": {
+        "customer_id": _TEXT,
+        "email": _TEXT,
+        "phone": _TEXT,
+        "first_name": _TEXT,
+        "ltv": _NUMBER,
+    },
+    "page_views": {"view_id": _TEXT, "email": _TEXT, "url": _TEXT, "viewed_at": _TIME},
+    "orders": {
+        "order_id": _TEXT,
+        "email": _TEXT,
+        "total": _NUMBER,
+        "placed_at": _TIME,
+        "products": sa.Text,
+    },
+    "optins": {"optin_id": _TEXT, "email": _TEXT},
+    "optouts": {"optout_id": _TEXT, "email": _TEXT},
+    "churned": {"churn_id": _TEXT, "email": _TEXT},
 }
+
+
+def shop_schema(url: str) -> str:
+    """Where the shop's tables live: `shop`, or the test's own database on MySQL."""
+    return sa.engine.make_url(url).database if url.startswith("mysql") else "shop"
+
+
+def open_warehouse(url: str) -> Warehouse:
+    """The warehouse as a test's config names it (its own state schema on MySQL)."""
+    return Warehouse(url, state_schema_for(url))
 
 
 def make_shop(rows: int = 20_000, seed: int = 7) -> Shop:
@@ -181,13 +205,19 @@ def make_shop(rows: int = 20_000, seed: int = 7) -> Shop:
 
 
 def load_shop(wh: Warehouse, shop: Shop) -> None:
+    schema = shop_schema(wh.url)
     with wh.engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS shop"))
-        for table, ddl in TABLES.items():
-            conn.execute(sa.text(f"DROP TABLE IF EXISTS shop.{table}"))
-            conn.execute(sa.text(f"CREATE TABLE shop.{table} ({ddl})"))
-            columns = [part.split()[0] for part in ddl.split(", ")]
-            wh.bulk_insert(conn, f"shop.{table}", columns, getattr(shop, table))
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+        for name, columns in TABLES.items():
+            table = sa.Table(
+                name,
+                sa.MetaData(),
+                *(sa.Column(column, type_) for column, type_ in columns.items()),
+                schema=schema,
+            )
+            table.drop(conn, checkfirst=True)
+            table.create(conn)
+            wh.bulk_insert(conn, f"{schema}.{name}", list(columns), getattr(shop, name))
 
 
 def seed_sandbox(sandbox: Sandbox, shop: Shop) -> None:

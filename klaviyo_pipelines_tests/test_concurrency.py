@@ -27,7 +27,13 @@ from klaviyo_pipelines.warehouse.lock import SyncLocked, sync_lock
 from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 from klaviyo_pipelines.warehouse.state import delivered_count, ledger_entries
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
-from klaviyo_pipelines_tests.shop import load_shop, make_shop, seed_sandbox, shop_config_text
+from klaviyo_pipelines_tests.shop import (
+    load_shop,
+    make_shop,
+    open_warehouse,
+    seed_sandbox,
+    shop_config_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORTS = "/api/profile-bulk-import-jobs"
@@ -35,7 +41,7 @@ PAUSE = ("--pause", "--no-snapshot")  # the child stops after its first batch, l
 
 
 def setup_shop(url: str, sandbox: Sandbox, rows: int = 1_000, batch: int = 50):
-    wh = Warehouse(url)
+    wh = open_warehouse(url)
     shop = make_shop(rows)
     load_shop(wh, shop)
     seed_sandbox(sandbox, shop)
@@ -54,9 +60,9 @@ def profiles_sent(sandbox: Sandbox) -> int:
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_sync(
-    warehouse_url, sandbox, tmp_path, capsys
+    every_warehouse_url, sandbox, tmp_path, capsys
 ):
-    wh, shop, config = setup_shop(warehouse_url, sandbox)
+    wh, shop, config = setup_shop(every_warehouse_url, sandbox)
     paused, resume = threading.Event(), threading.Event()
     reports: list[SyncReport] = []
 
@@ -80,7 +86,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_sync(
     with pytest.raises(SyncLocked):
         plan_sync(config, "profiles", wh)  # a plan would rewrite the change set being read
     path = tmp_path / "shop.yaml"
-    path.write_text(shop_config_text(warehouse_url, sandbox.url, batch=50))
+    path.write_text(shop_config_text(every_warehouse_url, sandbox.url, batch=50))
     plan = ["--config", str(path), "plan", "--select", "profiles", "--output", "json"]
     capsys.readouterr()
     assert main(plan) == 1
@@ -101,8 +107,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_sync(
     wh.dispose()
 
 
-def test_racing_threads_send_each_row_once(warehouse_url, sandbox):
-    wh, shop, config = setup_shop(warehouse_url, sandbox)
+def test_racing_threads_send_each_row_once(every_warehouse_url, sandbox):
+    wh, shop, config = setup_shop(every_warehouse_url, sandbox)
     gate = threading.Barrier(3)
     outcomes: list[str] = []
 
@@ -126,13 +132,13 @@ def test_racing_threads_send_each_row_once(warehouse_url, sandbox):
 
 
 def test_a_run_in_another_process_holds_the_sync_until_it_ends_or_dies(
-    warehouse_url, sandbox, tmp_path
+    every_warehouse_url, sandbox, tmp_path
 ):
     """On PostgreSQL the advisory lock, on DuckDB the file lock; a SIGKILL releases either."""
-    wh, shop, config = setup_shop(warehouse_url, sandbox)
+    wh, shop, config = setup_shop(every_warehouse_url, sandbox)
     wh.dispose()
     path = tmp_path / "shop.yaml"
-    path.write_text(shop_config_text(warehouse_url, sandbox.url, batch=50))
+    path.write_text(shop_config_text(every_warehouse_url, sandbox.url, batch=50))
     child = subprocess.Popen(
         [sys.executable, "-m", "klaviyo_pipelines_tests.sync_child", str(path), "profiles", *PAUSE],
         cwd=REPO,
@@ -145,14 +151,13 @@ def test_a_run_in_another_process_holds_the_sync_until_it_ends_or_dies(
         assert child.stdout.readline().strip() == "paused"  # one batch sent, lock held
         sent = profiles_sent(sandbox)
         assert sent == 50
-        wh = Warehouse(warehouse_url)
+        wh = open_warehouse(every_warehouse_url)
         with client(sandbox) as c, pytest.raises(SyncLocked) as refused:
             run_sync(config, "profiles", wh, c)
-        holder = (
-            "advisory lock held by PostgreSQL backend"
-            if "postgres" in warehouse_url
-            else f"process {child.pid} holds"
-        )
+        holder = {
+            "postgresql": "lock held by PostgreSQL backend",
+            "mysql": "lock held by MySQL connection",
+        }.get(wh.dialect, f"process {child.pid} holds")
         assert holder in str(refused.value)
         assert profiles_sent(sandbox) == sent
     finally:
@@ -174,8 +179,8 @@ def test_a_run_in_another_process_holds_the_sync_until_it_ends_or_dies(
     wh.dispose()
 
 
-def test_the_lock_can_be_waited_for_and_days_of_a_sync_run_side_by_side(warehouse_url):
-    wh = Warehouse(warehouse_url)
+def test_the_lock_can_be_waited_for_and_days_of_a_sync_run_side_by_side(every_warehouse_url):
+    wh = open_warehouse(every_warehouse_url)
     held = threading.Event()
 
     def hold() -> None:

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from klaviyo_pipelines.sandbox import Sandbox
-from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
 from klaviyo_pipelines_tests.shop import (
     SYNCS,
     assert_exact,
     load_shop,
     make_shop,
+    open_warehouse,
     seed_sandbox,
     shop_config_text,
 )
@@ -81,17 +81,17 @@ def kill_when(child: subprocess.Popen, sandbox: Sandbox, requests: int | None, d
 
 
 def test_sigkill_at_random_points_then_a_rerun_ends_exactly_as_the_warehouse_says(
-    warehouse_url, tmp_path, capsys
+    every_warehouse_url, tmp_path, capsys
 ):
     rng = random.Random(int(os.environ.get("KLAVIYO_PIPELINES_CRASH_SEED", "5")))
     with Sandbox(api_key=TEST_API_KEY, time_scale=20.0) as sandbox:
         shop = make_shop(ROWS, seed=11)
-        wh = Warehouse(warehouse_url)
+        wh = open_warehouse(every_warehouse_url)
         load_shop(wh, shop)
         wh.dispose()  # DuckDB: the children need the file
         seed_sandbox(sandbox, shop)
         config = tmp_path / "shop.yaml"
-        config.write_text(shop_config_text(warehouse_url, sandbox.url, batch=20))
+        config.write_text(shop_config_text(every_warehouse_url, sandbox.url, batch=20))
 
         landed = []
         for n in range(KILLS):
@@ -108,12 +108,12 @@ def test_sigkill_at_random_points_then_a_rerun_ends_exactly_as_the_warehouse_say
         child = start_child(config, sandbox, cli=False)
         out, err = child.communicate(timeout=CHILD_TIMEOUT)
         assert child.returncode == 0, out + err[-3000:]
-        wh = Warehouse(warehouse_url)
+        wh = open_warehouse(every_warehouse_url)
         counts = assert_exact(sandbox, wh, shop)
         wh.dispose()
         requests = len(sandbox.state.requests)
     assert sum(where != "finished" for where in landed) >= KILLS - 1, landed
     with capsys.disabled():
         print(
-            f"\ncrash ({warehouse_url.split(':')[0]}): kills {landed}; {requests} requests; {counts}"
+            f"\ncrash ({every_warehouse_url.split(':')[0]}): kills {landed}; {requests} requests; {counts}"
         )

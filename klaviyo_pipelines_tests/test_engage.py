@@ -3,7 +3,7 @@ sensor evaluation on a real instance) -> one `materialize` run per requested aud
 Add Profile To List / Remove Profile from List over real HTTP -> the sandbox's lists.
 
 The two audience shapes both run here: a membership table and Segment's event log of
-"Audience Entered" / "Audience Exited" rows. Each scenario runs on DuckDB and PostgreSQL.
+"Audience Entered" / "Audience Exited" rows. Each scenario runs on DuckDB, PostgreSQL and MariaDB.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ from klaviyo_pipelines.warehouse.audiences import LISTS
 from klaviyo_pipelines.warehouse.changes import changes_table
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.snapshot import take_snapshot
+from klaviyo_pipelines_tests.conftest import state_schema_for
 
 CONFIG = """
-warehouse: {{url: "{url}"}}
+warehouse: {{url: "{url}", state_schema: {state_schema}}}
 klaviyo: {{api_key: "${{KLAVIYO_API_KEY}}", base_url: "{base}"}}
 models:
   segments:
-    sql: select * from crm.segment_members
+    sql: select * from {crm}.segment_members
     primary_key: customer_id
     audience: {{column: segment, max_per_tick: {per_tick}}}
   journeys:
-    table: crm.audience_events
+    table: {crm}.audience_events
     primary_key: user_id
     audience: {{column: audience_key, event: event, timestamp: received_at}}
 syncs:
@@ -64,37 +65,53 @@ syncs:
 
 
 def make_config(url: str, sandbox: Sandbox, per_tick: int = 50) -> Config:
-    return parse_config(CONFIG.format(url=url, base=sandbox.url, per_tick=per_tick), "e.yaml")
+    text = CONFIG.format(
+        url=url,
+        base=sandbox.url,
+        per_tick=per_tick,
+        state_schema=state_schema_for(url),
+        crm=crm_schema(url),
+    )
+    return parse_config(text, "e.yaml")
+
+
+def crm_schema(url: str) -> str:
+    """Where the audience tables live: `crm`, or the test's own database on MySQL."""
+    return sa.engine.make_url(url).database if url.startswith("mysql") else "crm"
 
 
 def load_segments(wh: Warehouse, rows: list[tuple[str, str, str | None, str | None]]) -> None:
     """(segment, customer_id, first_name, email) rows: the membership-table shape."""
+    crm = crm_schema(wh.url)
     with wh.engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS crm"))
-        conn.execute(sa.text("DROP TABLE IF EXISTS crm.segment_members"))
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {crm}"))
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {crm}.segment_members"))
         conn.execute(
             sa.text(
-                "CREATE TABLE crm.segment_members (segment VARCHAR, customer_id VARCHAR, "
-                "first_name VARCHAR, email VARCHAR)"
+                f"CREATE TABLE {crm}.segment_members (segment VARCHAR(255), "
+                "customer_id VARCHAR(255), first_name VARCHAR(255), email VARCHAR(255))"
             )
         )
         wh.bulk_insert(
-            conn, "crm.segment_members", ["segment", "customer_id", "first_name", "email"], rows
+            conn, f"{crm}.segment_members", ["segment", "customer_id", "first_name", "email"], rows
         )
 
 
 def load_events(wh: Warehouse, rows: list[tuple[str, str, str, str, str]]) -> None:
     """(audience_key, user_id, email, event, received_at) rows: Segment's warehouse shape."""
+    crm = crm_schema(wh.url)
+    stamp = "DATETIME(6)" if wh.dialect == "mysql" else "TIMESTAMP"
     with wh.engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS crm"))
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {crm}"))
         conn.execute(
             sa.text(
-                "CREATE TABLE IF NOT EXISTS crm.audience_events (audience_key VARCHAR, "
-                "user_id VARCHAR, email VARCHAR, event VARCHAR, received_at TIMESTAMP)"
+                f"CREATE TABLE IF NOT EXISTS {crm}.audience_events (audience_key VARCHAR(255), "
+                f"user_id VARCHAR(255), email VARCHAR(255), event VARCHAR(255), "
+                f"received_at {stamp})"
             )
         )
         columns = ["audience_key", "user_id", "email", "event", "received_at"]
-        wh.bulk_insert(conn, "crm.audience_events", columns, rows)
+        wh.bulk_insert(conn, f"{crm}.audience_events", columns, rows)
 
 
 @dataclass
@@ -183,9 +200,11 @@ def metadata(instance: dg.DagsterInstance, sync: str, partition: str) -> dict:
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
-def test_membership_audiences_sync_through_the_sensor(warehouse_url, sandbox, instance) -> None:
-    wh = Warehouse(warehouse_url)
-    config = make_config(warehouse_url, sandbox)
+def test_membership_audiences_sync_through_the_sensor(
+    every_warehouse_url, sandbox, instance
+) -> None:
+    wh = Warehouse(every_warehouse_url, state_schema_for(every_warehouse_url))
+    config = make_config(every_warehouse_url, sandbox)
     load_segments(
         wh,
         [
@@ -255,9 +274,9 @@ def test_membership_audiences_sync_through_the_sensor(warehouse_url, sandbox, in
     assert len(creates) == 2
 
 
-def test_event_log_audiences_latest_event_wins(warehouse_url, sandbox, instance) -> None:
-    wh = Warehouse(warehouse_url)
-    config = make_config(warehouse_url, sandbox)
+def test_event_log_audiences_latest_event_wins(every_warehouse_url, sandbox, instance) -> None:
+    wh = Warehouse(every_warehouse_url, state_schema_for(every_warehouse_url))
+    config = make_config(every_warehouse_url, sandbox)
     existing = sandbox.state.create_list("cart_abandoners")  # found by its exact name...
     for _ in range(11):  # ...the oldest of 12 (Klaviyo allows duplicate names), over 2 pages
         sandbox.state.create_list("cart_abandoners")
@@ -320,9 +339,9 @@ def test_event_log_audiences_latest_event_wins(warehouse_url, sandbox, instance)
     assert members(sandbox, "Win-back campaign", "email") == {"u1@example.com"}
 
 
-def test_the_exit_guard_stops_an_emptying_until_overridden(warehouse_url, sandbox, instance):
-    wh = Warehouse(warehouse_url)
-    config = make_config(warehouse_url, sandbox)
+def test_the_exit_guard_stops_an_emptying_until_overridden(every_warehouse_url, sandbox, instance):
+    wh = Warehouse(every_warehouse_url, state_schema_for(every_warehouse_url))
+    config = make_config(every_warehouse_url, sandbox)
     everyone = [("vip", f"C{i}", None, None) for i in range(6)]
     load_segments(wh, [*everyone, ("trial", "T1", None, None)])
     daemon = Daemon(config, instance, "segments")
@@ -375,7 +394,9 @@ def test_plan_shows_the_pending_list_and_config_errors_name_the_key(duckdb_url, 
     assert changes_table("s", 'churn "risk"').startswith("changes__s__p")
     assert changes_table("s", "2026-11-27") == "changes__s__20261127"
 
-    good = CONFIG.format(url=duckdb_url, base=sandbox.url, per_tick=5)
+    good = CONFIG.format(
+        url=duckdb_url, base=sandbox.url, per_tick=5, state_schema="klaviyo_sync", crm="crm"
+    )
     for change, key, words in [
         (
             ("    retry:", '    schedule: "0 * * * *"\n    retry:'),

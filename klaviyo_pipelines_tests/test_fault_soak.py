@@ -23,7 +23,6 @@ from klaviyo_pipelines.config import parse_config
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.sandbox import Fault, Sandbox
-from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
 from klaviyo_pipelines_tests.shop import (
@@ -31,6 +30,7 @@ from klaviyo_pipelines_tests.shop import (
     assert_exact,
     load_shop,
     make_shop,
+    open_warehouse,
     seed_sandbox,
     shop_config_text,
 )
@@ -91,15 +91,15 @@ def run_until_success(config, wh, sandbox, bursts: Bursts) -> dict[str, int]:
 
 
 def test_a_20000_row_sync_under_random_faults_ends_exactly_as_the_warehouse_says(
-    warehouse_url, capsys
+    every_warehouse_url, capsys
 ):
     started = time.monotonic()
     with Sandbox(api_key=TEST_API_KEY, time_scale=TIME_SCALE) as sandbox:
-        wh = Warehouse(warehouse_url)
+        wh = open_warehouse(every_warehouse_url)
         shop = make_shop(ROWS, seed=SEED)
         load_shop(wh, shop)
         seed_sandbox(sandbox, shop)
-        config = parse_config(shop_config_text(warehouse_url, sandbox.url), "shop.yaml")
+        config = parse_config(shop_config_text(every_warehouse_url, sandbox.url), "shop.yaml")
         for method, path in WRITES:  # each action's write is applied-but-failed at least once
             sandbox.faults.add(Fault(kind="applied_status", method=method, path_prefix=path))
         sandbox.faults.random(rates=RATES, seed=SEED, delay=1.0)
@@ -136,7 +136,7 @@ def test_a_20000_row_sync_under_random_faults_ends_exactly_as_the_warehouse_says
     assert sum(first.values()) > len(SYNCS)  # some run failed on a burst and was run again
     with capsys.disabled():
         figures = {
-            "warehouse": warehouse_url.split(":")[0],
+            "warehouse": every_warehouse_url.split(":")[0],
             "rows": first_counts,
             "round_two": counts | {"total": shop.rows},
             "requests": requests,

@@ -35,11 +35,6 @@ from klaviyo_pipelines_tests.conftest import TEST_API_KEY, state_schema_for
 NEWSLETTER = "NEWSLT"
 
 
-@pytest.fixture(params=["duckdb", "postgres", "mariadb"])
-def engine_url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue(f"{request.param}_url")
-
-
 def model_schema(url: str) -> str:
     """Where a test's own tables live: `shop`, or the test's database on MariaDB."""
     return sa.engine.make_url(url).database if url.startswith("mysql") else "shop"
@@ -142,15 +137,15 @@ def profile_by_email(sandbox: Sandbox, email: str):  # type: ignore[no-untyped-d
     return found[0]
 
 
-def test_3000_customers_first_sync_rerun_and_exact_edits(engine_url, sandbox):
-    wh = open_warehouse(engine_url)
+def test_3000_customers_first_sync_rerun_and_exact_edits(every_warehouse_url, sandbox):
+    wh = open_warehouse(every_warehouse_url)
     sandbox.state.create_list("Newsletter", list_id=NEWSLETTER)
-    table = customers_table(engine_url)
+    table = customers_table(every_warehouse_url)
     rows = [customer(i, "not-an-email" if i % 100 == 7 else None) for i in range(3000)]
     rows += [customer(9001, customer_id=None), customer(9002, customer_id=None)]
     rows += [customer(9003, customer_id="dup"), customer(9004, customer_id="dup")]
     load(wh, table, rows)
-    config = config_for(engine_url, sandbox, PROFILES)
+    config = config_for(every_warehouse_url, sandbox, PROFILES)
 
     first = run(config, wh, sandbox, "profiles")
     assert first.status == "success", first.error
@@ -188,13 +183,13 @@ def test_3000_customers_first_sync_rerun_and_exact_edits(engine_url, sandbox):
     assert profile_by_email(sandbox, "c13@shop.example").attributes["location"]["city"] == "Austin"
 
 
-def test_leavers_reach_remove_profile_with_their_identifiers(engine_url, sandbox):
-    wh = open_warehouse(engine_url)
+def test_leavers_reach_remove_profile_with_their_identifiers(every_warehouse_url, sandbox):
+    wh = open_warehouse(every_warehouse_url)
     sandbox.state.create_list("Newsletter", list_id=NEWSLETTER)
-    table = customers_table(engine_url)
+    table = customers_table(every_warehouse_url)
     load(wh, table, [customer(i) for i in range(40)])
     config = config_for(
-        engine_url,
+        every_warehouse_url,
         sandbox,
         PROFILES
         + """
@@ -221,16 +216,16 @@ leavers:
     assert members == {f"c{i}@shop.example" for i in range(40) if i not in gone}
 
 
-def test_daily_partitions_and_a_backfill_send_each_day_once(engine_url, sandbox):
-    wh = open_warehouse(engine_url)
+def test_daily_partitions_and_a_backfill_send_each_day_once(every_warehouse_url, sandbox):
+    wh = open_warehouse(every_warehouse_url)
     start = datetime(2026, 3, 1, 9, 30)
     views = [
         (f"v{i:04d}", f"c{i % 7}@shop.example", f"/p/{i}", start + timedelta(hours=7 * i))
         for i in range(30)
     ]  # 30 views over 9 days
-    load(wh, views_table(engine_url), views)
+    load(wh, views_table(every_warehouse_url), views)
     config = config_for(
-        engine_url,
+        every_warehouse_url,
         sandbox,
         """
 views:
@@ -252,10 +247,10 @@ views:
 
 
 @pytest.mark.parametrize("lease", [False, True], ids=["engine lock", "lease row"])
-def test_a_second_process_is_refused_while_a_sync_runs(engine_url, lease):
-    if lease and engine_url.startswith("duckdb"):
+def test_a_second_process_is_refused_while_a_sync_runs(every_warehouse_url, lease):
+    if lease and every_warehouse_url.startswith("duckdb"):
         pytest.skip("DuckDB locks by file, never by lease")
-    wh = open_warehouse(engine_url)
+    wh = open_warehouse(every_warehouse_url)
     if lease:  # the lease serves the cloud warehouses: prove it on a real server
         wh.sql.has_session_lock = False
     holder = subprocess.Popen(
@@ -267,7 +262,7 @@ def test_a_second_process_is_refused_while_a_sync_runs(engine_url, lease):
                 import sys, time
                 from klaviyo_pipelines.warehouse.engine import Warehouse
                 from klaviyo_pipelines.warehouse.lock import sync_lock
-                wh = Warehouse({engine_url!r}, {wh.state_schema!r})
+                wh = Warehouse({every_warehouse_url!r}, {wh.state_schema!r})
                 if {lease}:
                     wh.sql.has_session_lock = False
                 with sync_lock(wh, "profiles"):
@@ -292,15 +287,15 @@ def test_a_second_process_is_refused_while_a_sync_runs(engine_url, lease):
         pass
 
 
-def test_long_sync_names_get_tables_of_their_own(engine_url, sandbox):
-    wh = open_warehouse(engine_url)
+def test_long_sync_names_get_tables_of_their_own(every_warehouse_url, sandbox):
+    wh = open_warehouse(every_warehouse_url)
     sandbox.state.create_list("Newsletter", list_id=NEWSLETTER)
-    load(wh, customers_table(engine_url), [customer(i) for i in range(10)])
+    load(wh, customers_table(every_warehouse_url), [customer(i) for i in range(10)])
     stem = "profiles_for_the_newsletter_of_the_spring_campaign_in_tx_"  # 58 characters
     syncs = "".join(
         PROFILES.replace("profiles:", f"{stem}{suffix}:") for suffix in ("north", "south")
     )
-    config = config_for(engine_url, sandbox, syncs)
+    config = config_for(every_warehouse_url, sandbox, syncs)
     for suffix in ("north", "south"):
         report = run(config, wh, sandbox, f"{stem}{suffix}")
         assert (report.status, sum(report.delivered.values())) == ("success", 10), report.error
@@ -310,12 +305,12 @@ def test_long_sync_names_get_tables_of_their_own(engine_url, sandbox):
     assert wh.fit(f"state__{stem}north") != wh.fit(f"state__{stem}south")
 
 
-def test_first_runs_racing_to_create_the_state_tables_both_go_on(engine_url):
+def test_first_runs_racing_to_create_the_state_tables_both_go_on(every_warehouse_url):
     errors: list[BaseException] = []
 
     def first_run(sync: str) -> None:
         try:
-            ensure_tables(open_warehouse(engine_url), sync)
+            ensure_tables(open_warehouse(every_warehouse_url), sync)
         except BaseException as exc:
             errors.append(exc)
 
