@@ -5,6 +5,9 @@ job or another endpoint class (Remove Profile looks profiles up in one class and
 in another). The rate limiter, not this window, decides how fast requests go; the window only
 keeps enough requests ready that the limiter is never idle while rows are waiting.
 
+A stop (`interrupt.requested()`, set by SIGINT / SIGTERM) is checked as each batch starts: a
+batch not yet started comes back unsent, and `make_room` stops waiting for room.
+
 Guarantee kept: nothing here writes state. An outcome is returned to the caller, who commits
 it, only after its batch finished; a crash with batches in flight leaves their rows
 unconfirmed, so the next run's change set has them again.
@@ -17,11 +20,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Self
 
+from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.actions.base import BatchResult, Prepared
 
 MAX_BATCHES_IN_FLIGHT = 8
 # Bounds memory: three 10,000-profile imports, or eight 1,000-event batches.
 MAX_ROWS_IN_FLIGHT = 30_000
+STOP_CHECK_SECONDS = 0.1  # how soon a wait for room notices a stop
 
 SendBatch = Callable[[Sequence[Prepared]], BatchResult]
 BeforeWaiting = Callable[[], None]
@@ -77,28 +82,34 @@ class InFlight:
         return len(self._pending)
 
     def make_room(self) -> list[BatchResult]:
-        """Wait until another batch may be sent; return the outcomes that finished meanwhile."""
+        """Wait until another batch may be sent, or a stop was asked for; return the outcomes
+        that finished meanwhile."""
         finished = self._collect(block=False)
-        while len(self._pending) >= self._open:
-            finished += self._collect(block=True)
+        while len(self._pending) >= self._open and not interrupt.requested():
+            finished += self._collect(block=True, timeout=STOP_CHECK_SECONDS)
         return finished
 
     def submit(self, batch: Sequence[Prepared]) -> None:
         """Send a batch; call `make_room` first (and send nothing more after a failure)."""
-        self._pending.add(self._pool.submit(self._send, batch))
+        self._pending.add(self._pool.submit(self._start, batch))
+
+    def _start(self, batch: Sequence[Prepared]) -> BatchResult:
+        if interrupt.requested():
+            return BatchResult(unsent=list(batch))
+        return self._send(batch)
 
     def drain(self) -> Iterator[BatchResult]:
         """Every outcome still in flight, as each finishes."""
         while self._pending:
             yield from self._collect(block=True)
 
-    def _collect(self, block: bool) -> list[BatchResult]:
+    def _collect(self, block: bool, timeout: float | None = None) -> list[BatchResult]:
         if not self._pending:
             return []
         if block and self._before_waiting:
             self._before_waiting()
         done, self._pending = wait(
-            self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED
+            self._pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED
         )
         results = [future.result() for future in done]
         for result in results:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.actions.base import (
     Action,
     BatchResult,
@@ -23,7 +24,7 @@ from klaviyo_pipelines.actions.base import (
 )
 from klaviyo_pipelines.actions.factory import build_action
 from klaviyo_pipelines.actions.profile import InvalidRow
-from klaviyo_pipelines.actions.values import dumps_row
+from klaviyo_pipelines.actions.values import TooDeeplyNested, dumps_row, json_value
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
 from klaviyo_pipelines.delivery import InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
@@ -33,7 +34,12 @@ from klaviyo_pipelines.klaviyo.errors import (
     PermanentError,
     TransientError,
 )
-from klaviyo_pipelines.warehouse.changes import ChangeSet, compute_change_set, iter_changes
+from klaviyo_pipelines.warehouse.changes import (
+    ChangeRow,
+    ChangeSet,
+    compute_change_set,
+    iter_changes,
+)
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.lock import sync_lock
 from klaviyo_pipelines.warehouse.snapshot import key_problems, model_columns
@@ -52,7 +58,7 @@ from klaviyo_pipelines.warehouse.state import (
 MAX_SAMPLES = 20
 KEY_PROBLEM_HASH = "primary_key"  # ledger rows about the key itself, replaced every run
 NULL_KEY = "<NULL>"
-SPLIT_STATUSES = frozenset({400, 413, 422})  # Klaviyo refused the payload, not the request
+SPLIT_STATUSES = frozenset({400, 413, 422})  # Klaviyo refused the payload, or the request
 # Rows read from the change set at once: small batches (events, consent) share a page, so
 # the warehouse is not queried once per 100-row request.
 MIN_PAGE_ROWS = 2_000
@@ -65,8 +71,9 @@ class SyncReport:
     sync: str
     action: str
     model: str
-    status: str = "running"  # success | failed | planned
+    status: str = "running"  # success | failed | interrupted | planned
     error: str | None = None
+    interrupted_by: str | None = None  # the signal that stopped sending (SIGINT, SIGTERM)
     error_is_transient: bool = False  # worth an automatic retry (outage), unlike a bad key
     found: dict[str, int] = field(default_factory=dict)
     planned: dict[str, int] = field(default_factory=dict)
@@ -116,6 +123,7 @@ class SyncReport:
             "action": self.action,
             "model": self.model,
             "error": self.error,
+            "interrupted_by": self.interrupted_by,
             "found": self.found,
             "planned": self.planned,
             "held_invalid": self.held_invalid,
@@ -141,6 +149,15 @@ class SyncReport:
         self.error_is_transient = isinstance(error, TransientError)
         if self.error_is_transient:
             self.error += "; rows Klaviyo did not confirm are kept and the next run sends them"
+
+    def interrupt(self, signal_name: str) -> None:
+        """Sending stopped on a signal: what was confirmed is recorded, the rest waits for the
+        next run (not a failure to retry at once: someone asked the run to stop)."""
+        self.status, self.interrupted_by = "interrupted", signal_name
+        self.error = (
+            f"interrupted by {signal_name}: {sum(self.delivered.values())} rows delivered and "
+            "recorded; the rows not confirmed are sent by the next run"
+        )
 
     def sample(self, key: str, kind: str, field: str | None, reason: str) -> None:
         if len(self.samples) < MAX_SAMPLES:
@@ -214,15 +231,17 @@ def run_sync(
     override_exit_guard: bool = False,
 ) -> SyncReport:
     """Deliver the sync's change set. Klaviyo failures end as a failed report, never a raise;
-    a config problem raises ConfigError before anything is sent."""
+    a config problem raises ConfigError before anything is sent. SIGINT / SIGTERM stop the
+    sending (`interrupt`): the report then says interrupted, with what was delivered."""
     sync = config.syncs[sync_name]
     report = SyncReport(sync=sync.name, action=sync.action, model=sync.model)
-    with sync_lock(wh, sync.name, partition):  # SyncLocked: this sync (partition) runs already
+    # SyncLocked: this sync (partition) runs already
+    with interrupt.on_signals(), sync_lock(wh, sync.name, partition):
         started, clock = now(), time.monotonic()
         before = client.stats
         prepared = prepare_sync(config, sync_name, wh, report, retry_rejected, partition)
         try:
-            if prepared.changes.to_send:
+            if prepared.changes.to_send and not interrupt.requested():
                 prepared.action.before_send(
                     wh,
                     client,
@@ -269,7 +288,7 @@ def plan_sync(
         for page in pages:
             for row in prepared.action.enrich(wh, page):
                 try:
-                    item = prepared.action.prepare(row)
+                    item = _prepare(prepared.action, row)
                 except InvalidRow as exc:
                     report.sample(row.key, row.kind.value, exc.field, exc.reason)
                     continue
@@ -301,8 +320,9 @@ def _deliver_all(
 ) -> None:
     """Prepare and send page after page, several batches in flight, each outcome committed as
     its batch finishes (batches that finished together in one transaction). After the first
-    batch that could not finish, nothing more is sent; the batches already in flight are
-    awaited and committed, then the run fails with that error."""
+    batch that could not finish, or a stop request, nothing more is sent; the batches already
+    in flight are awaited and committed, then the run fails with that error (or is reported
+    interrupted)."""
     action, sync = prepared.action, prepared.sync
     page_size = max(action.batch_size, MIN_PAGE_ROWS)
     pages = iter_changes(
@@ -337,7 +357,7 @@ def _deliver_all(
             items: list[Prepared] = []
             for row in page:
                 try:
-                    items.append(action.prepare(row))
+                    items.append(_prepare(action, row))
                 except InvalidRow as exc:
                     invalid.append(
                         Failure(row.key, row.row_hash, FailureKind.INVALID, exc.field, exc.reason)
@@ -346,21 +366,47 @@ def _deliver_all(
                     report.sample(row.key, row.kind.value, exc.field, exc.reason)
             for batch in action.batches(items):
                 commit(flight.make_room())
-                if error:
+                if error or interrupt.requested():
                     break
                 flight.submit(batch)
-            if error:
+            if error or interrupt.requested():
                 break
         for result in flight.drain():
             commit([result])
         record_failures(wh, sync.name, invalid)
     if error:
         report.fail(error)
+    elif interrupt.requested():
+        report.interrupt(interrupt.signal_name())
+
+
+def _prepare(action: Action, row: ChangeRow) -> Prepared:
+    """`action.prepare`, with a value the warehouse could not read (changes.iter_changes) or
+    nested too deep rejected as its own column's problem."""
+    if row.problem is not None:
+        raise InvalidRow(*row.problem)
+    try:
+        return action.prepare(row)
+    except TooDeeplyNested as exc:
+        raise InvalidRow(_too_deep_column(row.values), str(exc)) from None
+
+
+def _too_deep_column(values: dict[str, Any]) -> str | None:
+    for column, value in values.items():
+        try:
+            json_value(value)
+        except TooDeeplyNested:
+            return column
+    return None
 
 
 def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
     """Send a batch; when Klaviyo refuses the whole request for some rows' sake, find those
-    rows (by error pointer, else by halving) so the good rows are still delivered."""
+    rows (by error pointer, else by halving) so the good rows are still delivered. A refusal
+    of the request itself (a header, a query parameter) fails the batch, blaming no row.
+    After a stop request nothing more is sent: the rows come back unsent."""
+    if interrupt.requested():
+        return BatchResult(unsent=list(batch))
     try:
         return action.send(client, batch)
     except AuthError as exc:
@@ -368,6 +414,8 @@ def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepare
     except PermanentError as exc:
         if exc.status not in SPLIT_STATUSES:
             return BatchResult(unsent=list(batch), error=exc)
+        if refuses_the_request(exc):
+            return BatchResult(unsent=list(batch), error=_request_refused(exc))
         pointed = {}
         for detail in exc.errors:
             index = action.item_index(detail.pointer)
@@ -409,6 +457,29 @@ def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepare
         return result
     except KlaviyoError as exc:
         return BatchResult(unsent=list(batch), error=exc)
+
+
+def refuses_the_request(exc: PermanentError) -> bool:
+    """Whether Klaviyo refused the request itself (a header or query parameter: the error
+    names a `source.parameter` and points at no item), which no row can have caused: the
+    same request fails whichever rows it carries, so halving the batch would only blame them."""
+    return any(d.parameter and not d.pointer for d in exc.errors)
+
+
+def _request_refused(exc: PermanentError) -> PermanentError:
+    """The error, with a hint that it is the setup, not the rows, that must change."""
+    named = ", ".join(dict.fromkeys(d.parameter for d in exc.errors if d.parameter))
+    return PermanentError(
+        method=exc.method,
+        path=exc.path,
+        status=exc.status,
+        errors=exc.errors,
+        reason=exc.reason,
+        attempts=exc.attempts,
+        hint=f"Klaviyo refused the request itself ({named}), not a row: check the klaviyo "
+        "settings (revision, base_url) or upgrade klaviyo-pipelines; no row was rejected, "
+        "and the next run sends them",
+    )
 
 
 def _commit(

@@ -20,15 +20,36 @@ from typing import Any
 import orjson
 
 _MAX_INT_DIGITS = 300  # longer integral decimals go as doubles (null beyond a double's range)
+# Levels of arrays and objects a value may have. Real properties have a handful; 64 keeps the
+# walk below (about three Python frames a level) far under the interpreter's recursion limit
+# of 1,000, whatever stack the caller runs on (Dagster's is a hundred frames deep), and the
+# payload under orjson's own limit of 254 levels. A deeper value is refused, its row rejected.
+MAX_DEPTH = 64
+
+
+class TooDeeplyNested(ValueError):
+    """A value with more than MAX_DEPTH levels of arrays and objects; the caller names the
+    row and column."""
+
+    def __init__(self) -> None:
+        super().__init__(f"is nested deeper than {MAX_DEPTH} levels of arrays and objects")
 
 
 def json_value(value: Any) -> Any:
-    """A JSON-safe equivalent of a warehouse value (None for NULL, NaN and infinities)."""
+    """A JSON-safe equivalent of a warehouse value (None for NULL, NaN and infinities).
+    Raises TooDeeplyNested for a value nested deeper than MAX_DEPTH."""
+    return _value(value, MAX_DEPTH)
+
+
+def _value(value: Any, room: int) -> Any:
+    """`json_value` with `room` levels of nesting left."""
     kind = type(value)
     if kind in _AS_IS:
         return value
+    if kind in _NESTED:
+        return _NESTED[kind](value, room)
     convert = _BY_TYPE.get(kind)
-    return convert(value) if convert else _by_isinstance(value)
+    return convert(value) if convert else _by_isinstance(value, room)
 
 
 def _float(value: float) -> float | None:
@@ -53,15 +74,19 @@ def _bytes(value: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(bytes(value)).decode("ascii")
 
 
-def _dict(value: dict[Any, Any]) -> dict[str, Any]:
-    return {str(k): json_value(v) for k, v in value.items()}
+def _dict(value: dict[Any, Any], room: int) -> dict[str, Any]:
+    if room <= 0:
+        raise TooDeeplyNested
+    return {str(k): _value(v, room - 1) for k, v in value.items()}
 
 
-def _list(value: Any) -> list[Any]:
-    return [json_value(v) for v in value]
+def _list(value: Any, room: int) -> list[Any]:
+    if room <= 0:
+        raise TooDeeplyNested
+    return [_value(v, room - 1) for v in value]
 
 
-def _by_isinstance(value: Any) -> Any:
+def _by_isinstance(value: Any, room: int) -> Any:
     """Subclasses of the types above (an IntEnum, a pandas Timestamp), numpy scalars, others."""
     if value is None or isinstance(value, bool | str | int):
         return value
@@ -78,11 +103,11 @@ def _by_isinstance(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, dict):
-        return _dict(value)
+        return _dict(value, room)
     if isinstance(value, list | tuple | set | frozenset):
-        return _list(value)
+        return _list(value, room)
     if hasattr(value, "item"):  # numpy and pandas scalars
-        return json_value(value.item())
+        return _value(value.item(), room)
     return str(value)
 
 
@@ -109,6 +134,8 @@ _BY_TYPE: dict[type, Callable[[Any], Any]] = {
     bytearray: _bytes,
     memoryview: _bytes,
     uuid.UUID: str,
+}
+_NESTED: dict[type, Callable[[Any, int], Any]] = {
     dict: _dict,
     list: _list,
     tuple: _list,
@@ -134,4 +161,4 @@ def dumps_row(values: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(values, default=json_value, option=orjson.OPT_PASSTHROUGH_DATETIME)
     except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, keys not text
-        return dumps(json_value(values))
+        return dumps({str(column): json_value(value) for column, value in values.items()})

@@ -3,7 +3,8 @@
 Going through `materialize` rather than calling the runner directly means a CLI run leaves
 the same materializations, metadata and checks in the Dagster instance as a UI run. The
 caller's `SyncObserver` becomes the run's `progress` resource, so it hears every batch the
-runner commits inside the run (the steps run in this process).
+runner commits inside the run (the steps run in this process). SIGINT / SIGTERM stop the
+syncs (`interrupt`): the running one stops sending and reports, and no further run starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import dagster as dg
 
+from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.config import Config, ConfigError, ModelSpec, SyncSpec
 from klaviyo_pipelines.dagster_defs.assets import SyncRunConfig, partitions_of, sync_key
 from klaviyo_pipelines.dagster_defs.audience_sensor import INVALID_IN_KEYS, audience_syncs
@@ -71,35 +73,49 @@ def materialize_syncs(
     `partitions`. The syncs of an audience model run once per audience whose members changed
     (as its sensor would), or once per audience named in `audiences`, together, and their
     reports sum the audiences. An unknown audience is a ConfigError, raised before any run.
+    After SIGINT / SIGTERM no further run starts and the reports say interrupted
+    (`interrupt.signal_number()` tells which signal).
     """
-    launch = Launch(
-        instance, retry_rejected, override_exit_guard, observer or SyncObserver(), log_level
-    )
-    specs = [config.syncs[name] for name in syncs]
-    plain = [s for s in specs if not config.models[s.model].partitioned]
-    by_audience = [s for s in specs if config.models[s.model].audience is not None]
-    audience_models = [config.models[m] for m in dict.fromkeys(s.model for s in by_audience)]
-    audience_keys = _audience_keys(config, audience_models, audiences)
-    reports: dict[str, dict[str, Any]] = {}
-    if plain:
-        reports |= _run(config, plain, None, launch)
-    for model in audience_models:
-        group = [s for s in by_audience if s.model == model.name]
-        reports |= _run_audiences(config, group, audience_keys[model.name], launch)
-    for spec in specs:
-        if spec in plain or spec in by_audience:
-            continue
-        partitions_def = partitions_of(config.models[spec.model])
-        assert partitions_def is not None
-        keys = list(partitions) or partitions_def.get_partition_keys()[-1:]
-        days = {key: _run(config, [spec], key, launch)[spec.name] for key in keys}
-        reports[spec.name] = _sum_partitions(days)
-    return reports
+    with interrupt.on_signals():  # between runs; each run's sync sets its own
+        launch = Launch(
+            instance, retry_rejected, override_exit_guard, observer or SyncObserver(), log_level
+        )
+        specs = [config.syncs[name] for name in syncs]
+        plain = [s for s in specs if not config.models[s.model].partitioned]
+        by_audience = [s for s in specs if config.models[s.model].audience is not None]
+        audience_models = [config.models[m] for m in dict.fromkeys(s.model for s in by_audience)]
+        audience_keys = _audience_keys(config, audience_models, audiences)
+        reports: dict[str, dict[str, Any]] = {}
+        if plain:
+            reports |= _run(config, plain, None, launch)
+        for model in audience_models:
+            group = [s for s in by_audience if s.model == model.name]
+            reports |= _run_audiences(config, group, audience_keys[model.name], launch)
+        for spec in specs:
+            if spec in plain or spec in by_audience:
+                continue
+            partitions_def = partitions_of(config.models[spec.model])
+            assert partitions_def is not None
+            keys = list(partitions) or partitions_def.get_partition_keys()[-1:]
+            days = {key: _run(config, [spec], key, launch)[spec.name] for key in keys}
+            reports[spec.name] = _sum_partitions(days)
+        return reports
 
 
 def _run(
     config: Config, specs: Sequence[SyncSpec], partition: str | None, launch: Launch
 ) -> dict[str, dict[str, Any]]:
+    if interrupt.requested():
+        name = interrupt.signal_name()
+        return {
+            spec.name: {
+                "status": "interrupted",
+                "interrupted_by": name,
+                "error": f"interrupted by {name} before it started; the next run sends its rows",
+                **dict.fromkeys(SUMMED, 0),
+            }
+            for spec in specs
+        }
     selection = dg.AssetSelection.assets()
     for spec in specs:
         selection = selection | sync_selection(spec)
@@ -209,8 +225,9 @@ def _sum_partitions(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     failed = [key for key, report in runs.items() if report["status"] != "success"]
     errors = [f"{key}: {runs[key].get('error')}" for key in failed]
     samples = [s for report in runs.values() for s in report.get("samples") or []]
+    statuses = {report["status"] for report in runs.values()}
     return {
-        "status": "failed" if failed else "success",
+        "status": "interrupted" if "interrupted" in statuses else "failed" if failed else "success",
         "error": "; ".join(errors) or None,
         **{name: sum(report.get(name, 0) for report in runs.values()) for name in SUMMED},
         "samples": samples[:MAX_SAMPLES],
