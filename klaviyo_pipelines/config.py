@@ -8,6 +8,8 @@ and in `warehouse/snapshot.py` (the model's query and primary key).
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -16,10 +18,13 @@ from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import sqlalchemy as sa
 import yaml
 
 from klaviyo_pipelines.actions.registry import ACTIONS, ChangeKind
+from klaviyo_pipelines.warehouse.dialects import UnsupportedWarehouse, check_url
 
 CONFIG_ENV_VAR = "KLAVIYO_PIPELINES_CONFIG"
 DEFAULT_CONFIG_NAME = "klaviyo_pipelines.yaml"
@@ -32,6 +37,25 @@ AUDIENCE_ACTIONS = frozenset({"add_profile_to_list", "remove_profile_from_list"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _WHOLE_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}$")
+DEFAULT_WAREHOUSE_URL = "duckdb:///klaviyo_demo.duckdb"
+_PASSWORD_PARAMS = frozenset({"password", "passwd", "pwd"})
+# Bounds on a YAML document once its aliases are expanded: a real config is a few thousand
+# nodes; a 1 KB "billion laughs" file is billions, and took minutes and gigabytes to refuse.
+MAX_EXPANDED_NODES = 100_000
+MAX_EXPANDED_CHARS = 10_000_000
+# Model SQL pieces where `${VAR}` is not a value: quoted text (strings, identifiers, PostgreSQL
+# dollar quotes) and comments; and the `${VAR}` references themselves.
+_SQL_PIECES = re.compile(
+    r"""(?P<quoted>
+          '(?:[^']|'')*'?
+        | "(?:[^"]|"")*"?
+        | `[^`]*`?
+        | \$(?P<tag>[A-Za-z_]\w*|)\$.*?\$(?P=tag)\$
+    )
+    | (?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<env>\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})""",
+    re.S | re.X,
+)
 
 
 class ConfigError(ValueError):
@@ -44,10 +68,33 @@ class ConfigError(ValueError):
         super().__init__(f"{self.path}: {key}: {reason}")
 
 
+class FromEnvironment(str):
+    """A value `${VAR}` filled in. Its repr is the text as written in the file, so a message
+    that echoes it (`got {value!r}`) names the variable and never shows what it holds (the
+    API key, a password)."""
+
+    written: str
+
+    def __new__(cls, value: str, written: str) -> FromEnvironment:
+        self = super().__new__(cls, value)
+        self.written = written
+        return self
+
+    def __repr__(self) -> str:
+        return repr(self.written)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FromEnvironment, (str(self), self.written))
+
+
 @dataclass(frozen=True)
 class WarehouseSpec:
+    """`url_env` names the variable holding the whole URL, when one does: Dagster then gets the
+    URL as an `EnvVar`, so its UI and the run snapshots it stores show that name, not a password."""
+
     url: str
     state_schema: str = "klaviyo_sync"
+    url_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,17 +209,21 @@ class Config:
 
 
 def interpolate(value: str, path: str | None, key: str) -> str:
-    """Expand `${VAR}` and `${VAR:-default}`; an unset variable without default is an error."""
+    """Expand `${VAR}` and `${VAR:-default}`; an unset variable without default is an error.
+    A value that used a variable comes back as `FromEnvironment`, which errors echo safely."""
+    if not _ENV_REF.search(value):
+        return value
+    return FromEnvironment(_ENV_REF.sub(lambda ref: _env_value(ref, path, key), value), value)
 
-    def replace(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise ConfigError(path, key, f"environment variable {name} is not set and has no default")
 
-    return _ENV_REF.sub(replace, value)
+def _env_value(ref: re.Match[str], path: str | None, key: str) -> str:
+    """The value of a `${VAR}` / `${VAR:-default}` reference."""
+    name, default = ref.group(1), ref.group(2)
+    if name in os.environ:
+        return os.environ[name]
+    if default is not None:
+        return default
+    raise ConfigError(path, key, f"environment variable {name} is not set and has no default")
 
 
 def default_config_path() -> Path | None:
@@ -200,13 +251,7 @@ def load_config(path: str | Path | None = None) -> Config:
 
 
 def parse_config(text: str, path: str) -> Config:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
-        raise ConfigError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    raw = _mapping(raw, path, "(top level)")
+    raw = _mapping(_load_yaml(text, path), path, "(top level)")
     _no_unknown(raw, {"warehouse", "klaviyo", "models", "syncs"}, path, "")
     warehouse = _parse_warehouse(_mapping(raw.get("warehouse", {}), path, "warehouse"), path)
     klaviyo = _parse_klaviyo(_mapping(raw.get("klaviyo", {}), path, "klaviyo"), path)
@@ -221,6 +266,66 @@ def parse_config(text: str, path: str) -> Config:
     if not syncs:
         raise ConfigError(path, "syncs", "no syncs are configured")
     return Config(path, warehouse, klaviyo, models, syncs)
+
+
+def _load_yaml(text: str, path: str) -> Any:
+    """The document as Python values, refused before it is built when its aliases would expand
+    it past MAX_EXPANDED_NODES / MAX_EXPANDED_CHARS or an alias contains itself: PyYAML builds
+    the graph, and every copy made from it afterwards (interpolation) would expand it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _ExpansionCheck(path).size(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
+        raise ConfigError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(path, "(yaml)", "the document is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+class _ExpansionCheck:
+    """Sizes a YAML node graph as if every alias were copied out, each shared node sized once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, characters)
+        self.open: set[int] = set()  # nodes whose children are being sized
+
+    def size(self, node: yaml.Node) -> tuple[int, int]:
+        if id(node) in self.sizes:
+            return self.sizes[id(node)]
+        where = f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+        if id(node) in self.open:
+            raise ConfigError(self.path, where, "an alias refers to a node that contains it")
+        self.open.add(id(node))
+        nodes, chars = 1, 0
+        if isinstance(node, yaml.ScalarNode):
+            chars = len(node.value)
+        else:
+            children = (
+                node.value
+                if isinstance(node, yaml.SequenceNode)
+                else itertools.chain.from_iterable(node.value)
+            )
+            for child in children:
+                child_nodes, child_chars = self.size(child)
+                nodes, chars = nodes + child_nodes, chars + child_chars
+        if nodes > MAX_EXPANDED_NODES or chars > MAX_EXPANDED_CHARS:
+            raise ConfigError(
+                self.path,
+                where,
+                f"with its aliases expanded, this is over {MAX_EXPANDED_NODES:,} values or "
+                f"{MAX_EXPANDED_CHARS:,} characters: write the repeated parts out, or share less",
+            )
+        self.open.discard(id(node))
+        self.sizes[id(node)] = nodes, chars
+        return nodes, chars
 
 
 def _mapping(value: Any, path: str, key: str) -> dict[str, Any]:
@@ -241,12 +346,19 @@ def _no_unknown(raw: Mapping[str, Any], known: set[str], path: str, prefix: str)
 def _string(
     raw: Mapping[str, Any], name: str, path: str, key: str, default: str | None = None
 ) -> str:
+    return interpolate(_written(raw, name, path, key, default), path, key)
+
+
+def _written(
+    raw: Mapping[str, Any], name: str, path: str, key: str, default: str | None = None
+) -> str:
+    """A string value as the file writes it, `${VAR}` references not yet expanded."""
     value = raw.get(name, default)
     if value is None:
         raise ConfigError(path, key, "is required")
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ConfigError(path, key, f"must be a string, got {type(value).__name__}")
-    return interpolate(str(value), path, key)
+    return str(value)
 
 
 def _identifier(name: str, path: str, key: str) -> str:
@@ -262,9 +374,65 @@ def _identifier(name: str, path: str, key: str) -> str:
 
 def _parse_warehouse(raw: Mapping[str, Any], path: str) -> WarehouseSpec:
     _no_unknown(raw, {"url", "state_schema"}, path, "warehouse.")
-    url = _string(raw, "url", path, "warehouse.url", "duckdb:///klaviyo_demo.duckdb")
+    written = _written(raw, "url", path, "warehouse.url", DEFAULT_WAREHOUSE_URL)
+    url = interpolate(written, path, "warehouse.url")
+    whole = _WHOLE_ENV_REF.match(written)
+    # A password must come in a variable holding the whole URL: Dagster stores and shows any
+    # other value (the run config, the UI's resource view), a default included.
+    in_file = (whole.group(2) or "") if whole else url
+    if _holds_password(in_file):
+        raise ConfigError(
+            path,
+            "warehouse.url",
+            "holds a password, which Dagster would store with every run and show in its UI: "
+            "put the whole URL in an environment variable (url: ${WAREHOUSE_URL}) and export "
+            "it there",
+        )
+    try:
+        check_url(url)
+    except UnsupportedWarehouse as exc:
+        raise ConfigError(path, "warehouse.url", str(exc)) from None
     schema = _string(raw, "state_schema", path, "warehouse.state_schema", "klaviyo_sync")
-    return WarehouseSpec(url=url, state_schema=_identifier(schema, path, "warehouse.state_schema"))
+    return WarehouseSpec(
+        url=url,
+        state_schema=_identifier(schema, path, "warehouse.state_schema"),
+        url_env=whole.group(1) if whole and whole.group(1) in os.environ else None,
+    )
+
+
+def _holds_password(url: str) -> bool:
+    """Whether a SQLAlchemy URL carries a password (as user:password@, or a query parameter)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return "@" in url  # unreadable as a URL: a password may still be in it
+    return bool(parsed.password) or any(k.lower() in _PASSWORD_PARAMS for k in parsed.query)
+
+
+def _base_url(raw: Mapping[str, Any], path: str) -> str:
+    """Klaviyo's address: https, or plain http only to this machine (the sandbox), since the
+    API key goes with every request."""
+    url = _string(raw, "base_url", path, "klaviyo.base_url", KLAVIYO_PRODUCTION_URL)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if host and (parts.scheme == "https" or (parts.scheme == "http" and _loopback(host))):
+        return url.rstrip("/")
+    raise ConfigError(
+        path,
+        "klaviyo.base_url",
+        f"{url!r} is not allowed: use https:// (Klaviyo), or http:// only to this machine "
+        "(127.0.0.1, ::1, localhost: the sandbox), since the API key goes with every request",
+    )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def _parse_klaviyo(raw: Mapping[str, Any], path: str) -> KlaviyoSpec:
@@ -284,9 +452,7 @@ def _parse_klaviyo(raw: Mapping[str, Any], path: str) -> KlaviyoSpec:
         raise ConfigError(path, "klaviyo.revision", f"{revision!r} is not a YYYY-MM-DD revision")
     return KlaviyoSpec(
         api_key=EnvSecret(match.group(1)),
-        base_url=_string(raw, "base_url", path, "klaviyo.base_url", KLAVIYO_PRODUCTION_URL).rstrip(
-            "/"
-        ),
+        base_url=_base_url(raw, path),
         revision=revision,
         timeout_seconds=_number(raw, "timeout_seconds", path, "klaviyo.", 30.0, minimum=0.1),
         max_attempts=int(_number(raw, "max_attempts", path, "klaviyo.", 6, minimum=1)),
@@ -325,17 +491,57 @@ def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
             path, f"{key}.primary_key", "is required: the column that identifies a row"
         )
     table = _string(raw, "table", path, f"{key}.table") if "table" in raw else None
-    if table is not None:
-        for part in table.split("."):
-            _identifier(part, path, f"{key}.table")
+    if table is not None and not all(_NAME.match(part) for part in table.split(".")):
+        raise ConfigError(
+            path,
+            f"{key}.table",
+            f"{table!r} is not a valid name: give [schema.]table, each part letters, digits and "
+            "underscores, starting with a letter or underscore, at most 63 characters",
+        )
+    sql, params = (
+        _model_sql(_written(raw, "sql", path, f"{key}.sql"), path, f"{key}.sql")
+        if "sql" in raw
+        else (None, ())
+    )
     return ModelSpec(
         name=name,
         primary_key=_string(raw, "primary_key", path, f"{key}.primary_key"),
-        sql=_string(raw, "sql", path, f"{key}.sql") if "sql" in raw else None,
+        sql=sql,
         table=table,
+        sql_params_items=params,
         partition=_parse_partition(raw.get("partition"), path, f"{key}.partition"),
         audience=_parse_audience(raw.get("audience"), path, f"{key}.audience"),
     )
+
+
+def _model_sql(text: str, path: str, key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The SQL with each `${VAR}` replaced by a bound parameter `:kp_env_<n>`, and the values:
+    pasted into the text, a value like `x' or '1'='1` would rewrite the query. A `${VAR}` in
+    quotes cannot be a parameter and is refused; one in a comment is left as written."""
+    pieces: list[str] = []
+    params: list[tuple[str, str]] = []
+    end = 0
+    for match in _SQL_PIECES.finditer(text):
+        pieces.append(text[end : match.start()])
+        end = match.end()
+        if match.group("env"):
+            ref = _ENV_REF.fullmatch(match.group("env"))
+            assert ref is not None
+            params.append((f"kp_env_{len(params)}", _env_value(ref, path, key)))
+            pieces.append(f":{params[-1][0]}")
+            continue
+        quoted = _ENV_REF.search(match.group()) if match.group("quoted") else None
+        if quoted:
+            ref = quoted.group()
+            raise ConfigError(
+                path,
+                key,
+                f"{ref} is inside quotes: in SQL a variable is sent as a bound value, so write "
+                f"it unquoted where a value goes (tier = {ref}, not tier = '{ref}')",
+            )
+        pieces.append(match.group())
+    pieces.append(text[end:])
+    return "".join(pieces), tuple(params)
 
 
 def _parse_audience(raw: Any, path: str, key: str) -> AudienceSpec | None:

@@ -22,10 +22,17 @@ from klaviyo_pipelines.progress import SyncObserver
 
 
 def build_resources(config: Config) -> dict[str, object]:
-    """The warehouse, the Klaviyo API, and a silent progress observer (the CLI brings its own)."""
+    """The warehouse, the Klaviyo API, and a silent progress observer (the CLI brings its own).
+
+    A URL from an environment variable goes as an `EnvVar` (config.py refuses a password
+    anywhere else); a `${VAR:-default}` whose variable is unset goes as the default, which
+    lives in the file and so holds no password."""
     return {
         "warehouse": WarehouseResource(
-            url=config.warehouse.url, state_schema=config.warehouse.state_schema
+            url=dg.EnvVar(config.warehouse.url_env)
+            if config.warehouse.url_env
+            else config.warehouse.url,
+            state_schema=config.warehouse.state_schema,
         ),
         "klaviyo": KlaviyoApiResource(
             api_key=dg.EnvVar(config.klaviyo.api_key.env_var),

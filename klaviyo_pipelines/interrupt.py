@@ -44,6 +44,11 @@ def signal_name() -> str:
     return signal.Signals(number).name if number is not None else "a stop request"
 
 
+def sleep(seconds: float) -> None:
+    """Sleep, but wake at once when a stop is asked for (rate-limit and retry waits)."""
+    _stop.wait(seconds)
+
+
 def request(signum: int) -> None:
     """Ask the running sync to stop, as the signal `signum` does."""
     if not _received:

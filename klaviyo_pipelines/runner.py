@@ -254,7 +254,10 @@ def run_sync(
             if not report.error:
                 report.status = "success"
         except KlaviyoError as exc:
-            report.fail(exc)
+            if interrupt.requested():
+                report.interrupt(interrupt.signal_name())
+            else:
+                report.fail(exc)
         finally:
             after = client.stats
             report.requests = after.requests - before.requests
@@ -374,10 +377,10 @@ def _deliver_all(
         for result in flight.drain():
             commit([result])
         record_failures(wh, sync.name, invalid)
-    if error:
-        report.fail(error)
-    elif interrupt.requested():
+    if interrupt.requested():  # requests refused after the signal are its doing, not errors
         report.interrupt(interrupt.signal_name())
+    elif error:
+        report.fail(error)
 
 
 def _prepare(action: Action, row: ChangeRow) -> Prepared:

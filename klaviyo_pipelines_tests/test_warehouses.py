@@ -7,6 +7,7 @@ lengths and DATETIME); the state schema is a database of its own per test on Mar
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from klaviyo_pipelines.config import Config, parse_config
+from klaviyo_pipelines.config import Config, ConfigError, parse_config
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.sandbox import Sandbox
@@ -325,3 +326,22 @@ def test_first_runs_racing_to_create_the_state_tables_both_go_on(every_warehouse
 def test_an_engine_outside_the_list_is_refused(tmp_path):
     with pytest.raises(UnsupportedWarehouse, match="'sqlite' is not supported"):
         Warehouse(f"sqlite:///{tmp_path / 'w.db'}")
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("sqlite:///w.db", "the warehouse engine 'sqlite' is not supported"),
+        ("mysql+mysqldb://u@h/db", "the driver for mysql is not installed"),
+        ("snowflake://u@account/db/schema", "pip install 'klaviyo_pipelines[snowflake]'"),
+    ],
+)
+def test_an_unknown_engine_or_a_missing_driver_is_a_config_error(url, reason):
+    text = f"""
+warehouse: {{url: "{url}"}}
+models: {{m: {{table: t, primary_key: id}}}}
+syncs: {{s: {{model: m, action: upsert_profile}}}}
+"""
+    with pytest.raises(ConfigError, match=re.escape(reason)) as refused:
+        parse_config(text, "test.yaml")
+    assert refused.value.key == "warehouse.url"

@@ -1,7 +1,8 @@
 """Dagster resources: the warehouse engine and the Klaviyo API, configured from the YAML file.
 
-The API key reaches Dagster only as an `EnvVar`, so the UI and the run config show the
-variable's name, never its value.
+The API key, and a warehouse URL from an environment variable, reach Dagster only as an
+`EnvVar`, so the UI and the run config show the variable's name, never its value; inside a
+step, where the values are resolved, the resources' repr and str mask them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.warehouse.engine import Warehouse
@@ -25,6 +27,11 @@ class WarehouseResource(dg.ConfigurableResource):
 
     url: str
     state_schema: str = "klaviyo_sync"
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Inside a step the URL is resolved from its EnvVar: show it without its password."""
+        for name, value in super().__repr_args__():
+            yield name, _without_password(value) if name == "url" else value
 
     def open(self) -> Warehouse:
         return Warehouse(self.url, self.state_schema)
@@ -54,3 +61,12 @@ class KlaviyoApiResource(dg.ConfigurableResource):
             max_attempts=self.max_attempts,
         ) as client:
             yield client
+
+
+def _without_password(url: str) -> str:
+    if isinstance(url, dg.EnvVar):
+        return url  # the variable's name, not yet its value
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return "********"

@@ -13,7 +13,6 @@ import json as jsonlib
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -23,14 +22,17 @@ from typing import Any, Self
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass, endpoint_class
 from klaviyo_pipelines.klaviyo.errors import (
+    Interrupted,
     KlaviyoError,
     PermanentError,
     RateLimitedError,
     TransientError,
     error_for_status,
     parse_error_details,
+    redact_json,
 )
 from klaviyo_pipelines.klaviyo.rate_limit import RateLimiter
 
@@ -156,7 +158,7 @@ class KlaviyoClient:
         self._limiter = rate_limiter or RateLimiter(time_scale=time_scale)
         self._stats = ClientStats()
         self._stats_lock = threading.Lock()
-        self._sleep: Callable[[float], None] = time.sleep
+        self._sleep: Callable[[float], None] = interrupt.sleep
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
@@ -258,9 +260,12 @@ class KlaviyoClient:
         attempt: int,
     ) -> httpx.Response:
         waited = self._limiter.acquire(cls)
+        where = {"method": method, "path": api_path, "attempts": attempt}
+        if interrupt.requested():  # a poll, a retry or a row's own request: not after a stop
+            self._count(waited_seconds=waited)
+            raise Interrupted(reason=f"not sent: stopped by {interrupt.signal_name()}", **where)
         sent_at = self._limiter.now()
         self._count(requests=1, retries=int(attempt > 1), waited_seconds=waited)
-        where = {"method": method, "path": api_path, "attempts": attempt}
         try:
             response = self._http.request(method, url, content=body, headers=headers, params=params)
         except httpx.TimeoutException as exc:
@@ -286,11 +291,13 @@ class KlaviyoClient:
                 self._limiter.penalize(cls, min(retry_after, self._max_retry_after))
         elif status >= 500:
             self._count(transient_errors=1)
+        # Redacted before decoding and again after: JSON may carry the key \u-escaped.
+        details = parse_error_details(self._redact(response.text), status)
         raise error_for_status(
             status,
-            errors=parse_error_details(self._redact(response.text), status),
+            errors=[detail.redacted(self._redact) for detail in details],
             retry_after=retry_after,
-            reason=response.reason_phrase or None,
+            reason=self._redact(response.reason_phrase) or None,
             **where,
         )
 
@@ -351,8 +358,10 @@ class KlaviyoClient:
     # -- JSON helpers ------------------------------------------------------------------------
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
+        """The decoded document, the key masked in every string (a job's errors become ledger
+        reasons; a value echoed back may hold it)."""
         try:
-            doc = response.json()
+            doc = redact_json(response.json(), self._redact)
         except ValueError as exc:
             raise self._bad_body(response, "response body is not JSON") from exc
         if not isinstance(doc, dict):

@@ -5,15 +5,16 @@ client has already retried), `PermanentError` means "this request will never suc
 (bad payload, missing scope, unknown id), and `ConflictError` carries the id Klaviyo says
 already owns an identifier so callers can fall back to an update.
 
-Messages never contain request headers, so the API key cannot leak through them.
+Messages never contain request headers, so the API key cannot leak through them; text from
+Klaviyo's answers passes through `ApiErrorDetail.redacted` / `redact_json` in the client.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 _MAX_DETAILS_IN_MESSAGE = 3
@@ -37,12 +38,32 @@ class ApiErrorDetail:
     parameter: str | None = None
     id: str | None = None
 
+    def redacted(self, redact: Callable[[str], str]) -> ApiErrorDetail:
+        """This detail with `redact` applied to all its text, meta's nested values included."""
+        texts = {
+            name: redact(value)
+            for name in ("code", "title", "detail", "pointer", "parameter", "id")
+            if isinstance(value := getattr(self, name), str)
+        }
+        return replace(self, meta=redact_json(dict(self.meta), redact), **texts)
+
     def describe(self) -> str:
         """Short human form: `code: detail (at pointer)`."""
         text = self.detail or self.title or "no detail"
         head = f"{self.code}: {text}" if self.code else text
         where = self.pointer or (f"?{self.parameter}" if self.parameter else None)
         return f"{head} (at {where})" if where else head
+
+
+def redact_json(value: Any, redact: Callable[[str], str]) -> Any:
+    """A decoded JSON value with `redact` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_json(k, redact): redact_json(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_json(v, redact) for v in value]
+    return value
 
 
 def parse_error_details(
@@ -164,6 +185,10 @@ class KlaviyoError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only __init__ breaks Exception's default pickling (used by multiprocess runs).
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+class Interrupted(KlaviyoError):
+    """A stop (SIGINT / SIGTERM) came before this request went out: it was not sent."""
 
 
 class TransientError(KlaviyoError):

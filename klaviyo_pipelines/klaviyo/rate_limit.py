@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
 
 BURST_WINDOW = 1.0
@@ -66,7 +67,7 @@ class RateLimiter:
         window_margin: float = 0.02,
         jitter: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = interrupt.sleep,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -138,6 +139,8 @@ class RateLimiter:
             wait = max(wait, _MIN_SLEEP)
             self._sleep(wait)
             waited += wait
+            if interrupt.requested():  # the caller sends nothing more: stop waiting
+                return waited
 
     def observe(
         self,
