@@ -333,7 +333,7 @@ def test_an_engine_outside_the_list_is_refused(tmp_path):
     [
         ("sqlite:///w.db", "the warehouse engine 'sqlite' is not supported"),
         ("mysql+mysqldb://u@h/db", "the driver for mysql is not installed"),
-        ("snowflake://u@account/db/schema", "pip install 'klaviyo_pipelines[snowflake]'"),
+        ("databricks://host?http_path=p", "pip install 'klaviyo_pipelines[databricks]'"),
     ],
 )
 def test_an_unknown_engine_or_a_missing_driver_is_a_config_error(url, reason):

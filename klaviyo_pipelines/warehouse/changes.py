@@ -220,10 +220,11 @@ def _acknowledge(
 ) -> None:
     """Record changes the sync does not send (kinds not in `on`) as the state's new truth."""
     state, ledger = wh.table(state_table(sync)), wh.table(LEDGER)
-    unsent = f"SELECT {KEY} FROM {table} WHERE NOT _kp_send AND NOT _kp_held"
-    conn.execute(sa.text(f"DELETE FROM {state} WHERE row_key IN ({unsent})"))
+    unsent = "NOT _kp_send AND NOT _kp_held"
+    delete = wh.sql.delete_matching
+    conn.execute(sa.text(delete(state, "row_key", table, KEY, source_where=unsent)))
     conn.execute(
-        sa.text(f"DELETE FROM {ledger} WHERE sync = :sync AND row_key IN ({unsent})"),
+        sa.text(delete(ledger, "row_key", table, KEY, "sync = :sync", source_where=unsent)),
         {"sync": sync},
     )
     conn.execute(

@@ -150,9 +150,12 @@ def _session_lock(wh: Warehouse, name: str, label: str, deadline: float) -> Iter
         try:
             yield
         finally:
-            # a session that broke meanwhile has lost the lock already; never mask the run
-            with suppress(sa.exc.DBAPIError):
+            try:
                 wh.sql.release_session_lock(conn, key, lock_name)
+            except sa.exc.DBAPIError:
+                # A session lock outlives a pooled connection's return to the pool: never
+                # give one back that may still hold it (a broken session has lost it anyway).
+                conn.invalidate()
     finally:
         conn.close()
 

@@ -189,9 +189,8 @@ def record_outcomes(
                 ["row_key", "row_hash", "row_json", "deletion", "partition_key"],
                 delivered,
             )
-            conn.execute(
-                sa.text(f"DELETE FROM {state} WHERE row_key IN (SELECT row_key FROM {staged})")
-            )
+            delete = wh.sql.delete_matching
+            conn.execute(sa.text(delete(state, "row_key", staged, "row_key")))
             conn.execute(
                 sa.text(
                     f"INSERT INTO {state} (row_key, row_hash, row_json, partition_key, "
@@ -201,10 +200,7 @@ def record_outcomes(
                 {"stamp": stamp},
             )
             conn.execute(
-                sa.text(
-                    f"DELETE FROM {ledger} WHERE sync = :sync "
-                    f"AND row_key IN (SELECT row_key FROM {staged})"
-                ),
+                sa.text(delete(ledger, "row_key", staged, "row_key", "sync = :sync")),
                 {"sync": sync},
             )
         if failures:

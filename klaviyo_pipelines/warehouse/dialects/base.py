@@ -132,6 +132,24 @@ class WarehouseDialect:
         sets = ", ".join(f"{column} = {value}" for column, value in assignments)
         return f"UPDATE {target} AS t SET {sets} FROM {source} AS i WHERE {on}"
 
+    def delete_matching(
+        self,
+        target: str,
+        column: str,
+        source: str,
+        source_column: str,
+        target_where: str = "",
+        source_where: str = "",
+    ) -> str:
+        """DELETE the rows of `target` whose `column` is among `source`'s `source_column`,
+        where the conditions hold (each over its own table's unqualified columns)."""
+        also = f"{target_where} AND " if target_where else ""
+        only = f" WHERE {source_where}" if source_where else ""
+        return (
+            f"DELETE FROM {target} WHERE {also}{column} IN "
+            f"(SELECT {source_column} FROM {source}{only})"
+        )
+
     def index(
         self, table: str, columns: Sequence[str], name: str, unique: bool = False
     ) -> str | None:

@@ -82,6 +82,23 @@ class MySQLDialect(WarehouseDialect):
         sets = ", ".join(f"t.{column} = {value}" for column, value in assignments)
         return f"UPDATE {target} AS t JOIN {source} AS i ON {on} SET {sets}"
 
+    def delete_matching(
+        self,
+        target: str,
+        column: str,
+        source: str,
+        source_column: str,
+        target_where: str = "",
+        source_where: str = "",
+    ) -> str:
+        # MariaDB runs `IN (SELECT ...)` of a DELETE as a dependent subquery, once per target
+        # row: 47.5 s for a 100,000-row state, where this join takes 0.01 s (bench/).
+        where = " AND ".join(f"({w})" for w in (target_where, source_where) if w)
+        return (
+            f"DELETE t FROM {target} AS t JOIN {source} AS u ON u.{source_column} = t.{column}"
+            + (f" WHERE {where}" if where else "")
+        )
+
     def index(self, table: str, columns: Sequence[str], name: str, unique: bool = False) -> str:
         return f"CREATE {'UNIQUE ' if unique else ''}INDEX {self.quote(name)} ON {table} ({', '.join(columns)})"
 
