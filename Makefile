@@ -12,16 +12,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(DAGSTER_HOME):
-	mkdir -p $@
+# The demo's instance (no "No dagster instance configuration file" warning), written once;
+# readable by you only: it keeps run logs and rejected rows, personal data among them.
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME) && chmod 700 $(DAGSTER_HOME)
+	install -m 600 scripts/dagster_demo.yaml $@
 
-demo: $(BIN)/.installed $(DAGSTER_HOME)
+demo: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/klaviyo-pipelines demo
 
 test: $(BIN)/.installed
 	env -u DAGSTER_HOME $(BIN)/pytest
 
-ui: $(BIN)/.installed $(DAGSTER_HOME)
+ui: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh
 
 lint: $(BIN)/.installed

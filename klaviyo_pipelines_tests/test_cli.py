@@ -222,7 +222,10 @@ def test_the_demo_runs_every_action_end_to_end(tmp_path, monkeypatch, capsys) ->
         "abandoners_leave",
     }
     assert code == 0, result
+    assert result["status"] == "success" and result["error"] is None
     assert result.keys() == {
+        "status",
+        "error",
         "warehouse",
         "customers",
         "first_run",

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 
 from klaviyo_pipelines.config import parse_config
 from klaviyo_pipelines.warehouse import changes, lock, state
-from klaviyo_pipelines.warehouse.dialects import ENGINES
+from klaviyo_pipelines.warehouse.dialects import ENGINES, level_warning
 from klaviyo_pipelines.warehouse.engine import Warehouse
 
 EXPERIMENTAL = ["snowflake", "bigquery", "redshift", "databricks"]
@@ -113,5 +113,14 @@ def test_every_statement_parses_for_the_engine(engine, monkeypatch):
 @pytest.mark.parametrize("engine", EXPERIMENTAL)
 def test_each_engine_spells_what_differs_its_own_way(engine):
     sql = ENGINES[engine](postgresql.dialect())
-    assert sql.level == "experimental" and sql.extra == engine
+    assert sql.level == ("emulated" if engine == "snowflake" else "experimental")
+    assert sql.extra == engine
     assert "||" not in sql.sync_hash(["a", "b"], "'f'") or engine == "redshift"
+
+
+def test_validate_warns_of_engines_not_proven_on_a_real_server():
+    assert level_warning("duckdb:///w.duckdb") is None
+    assert level_warning("mysql+pymysql://u@h/db") is None
+    assert "verified on an emulator only" in level_warning("snowflake://u@a/db/s")
+    for url in ("bigquery://p/d", "redshift+psycopg2://u@h/db", "databricks://h"):
+        assert "experimental" in level_warning(url)

@@ -319,14 +319,16 @@ def test_every_yaml_block_parses(page: Path) -> None:
 
 
 def test_the_dagster_yaml_snippets_are_valid_instance_config(tmp_path, monkeypatch) -> None:
-    """deploy/dagster.yaml and the one `make ui` writes pass Dagster's own schema."""
+    """deploy/dagster.yaml and the demo's, which `make demo` and `make ui` copy, pass Dagster's
+    own schema."""
     from dagster._core.instance.config import dagster_instance_config
 
     for name in ("HOST", "PORT", "DB", "USERNAME", "PASSWORD"):
         monkeypatch.setenv(f"DAGSTER_PG_{name}", "5432" if name == "PORT" else "x")
     snippets = [(REPO / "deploy" / "dagster.yaml").read_text()]
-    ui_script = (REPO / "scripts" / "ui.sh").read_text()
-    snippets.append(ui_script.split("<<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0])
+    snippets.append((REPO / "scripts" / "dagster_demo.yaml").read_text())
+    assert "scripts/dagster_demo.yaml" in (REPO / "scripts" / "ui.sh").read_text()
+    assert "scripts/dagster_demo.yaml" in (REPO / "Makefile").read_text()
     assert len(snippets) == 2
     for number, text in enumerate(snippets):
         home = tmp_path / str(number)
@@ -366,10 +368,28 @@ def test_operations_md_rate_limits_are_the_clients() -> None:
         assert (int(row[2]), int(row[3])) == (limits.burst_per_second, limits.steady_per_minute)
 
 
+def test_troubleshooting_md_lists_exactly_the_cli_error_matrix() -> None:
+    """Each case of the CLI's error matrix has its row (commands and exit code included)."""
+    from klaviyo_pipelines_tests.test_cli_errors import CASES
+
+    rows = {
+        row[0]: row
+        for row in table_rows((DOCS / "troubleshooting.md").read_text(), "## Command line errors")
+    }
+    assert set(rows) == {case.name for case in CASES}
+    for case in CASES:
+        _name, commands, code = rows[case.name][:3]
+        assert commands.split(", ") == list(case.commands), case.name
+        assert code.split()[0] == str(case.code), case.name
+        for command, other in case.code_for.items():
+            assert f"{command}: {other}" in code, case.name
+
+
 def test_commands_in_the_docs_exist(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
-    commands = set(re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(","))
+    choices = re.findall(r"\{([a-z,]+)\}", capsys.readouterr().out)  # {table,json} too
+    commands = next(set(c.split(",")) for c in choices if "sync" in c.split(","))
     for page in MARKDOWN:
         for command in re.findall(r"klaviyo-pipelines ([a-z]+)", page.read_text()):
             assert command in commands, f"{page.name}: no command klaviyo-pipelines {command}"

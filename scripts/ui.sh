@@ -3,16 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port="${SANDBOX_PORT:-8765}"
-# The demo warehouse is a DuckDB file, which one process at a time may open: queue runs one
-# at a time (docs/operations.md). Written once; edit it freely afterwards.
+# The demo's instance (one run at a time on the DuckDB file), written once, yours only.
 if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
-  cat >"$DAGSTER_HOME/dagster.yaml" <<'YAML'
-concurrency:
-  runs:
-    max_concurrent_runs: 1
-telemetry:
-  enabled: false
-YAML
+  mkdir -p "$DAGSTER_HOME" && chmod 700 "$DAGSTER_HOME"
+  install -m 600 scripts/dagster_demo.yaml "$DAGSTER_HOME/dagster.yaml"
 fi
 # With the bundled demo config and no demo warehouse yet, make one: the sensors read it.
 if [ -z "${KLAVIYO_PIPELINES_CONFIG:-}" ] && [ ! -f klaviyo_pipelines.yaml ] \

@@ -10,14 +10,22 @@ from klaviyo_pipelines.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     console,
+    print_error,
     print_json,
     wants_json,
 )
-from klaviyo_pipelines.cli.syncs import check, print_summary, run_syncs
-from klaviyo_pipelines.config import load_config
+from klaviyo_pipelines.cli.syncs import (
+    check,
+    exit_code,
+    load,
+    outcome,
+    print_summary,
+    run_syncs,
+)
 
 DEMO_API_KEY = "pk_sandbox_demo"
 DEMO_PORT = 8765
+STATUS_ORDER = ("success", "failed", "interrupted")  # the demo's status: its worse run's
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -39,13 +47,13 @@ def demo(args: argparse.Namespace) -> int:
         seed_sandbox(sandbox)
         os.environ["KLAVIYO_API_KEY"] = DEMO_API_KEY
         os.environ["KLAVIYO_BASE_URL"] = sandbox.url
-        config = load_config(args.config)
+        config = load(args)
         warehouse = sa.make_url(config.warehouse.url).render_as_string(hide_password=True)
         rows = create_demo_warehouse(
             config.warehouse.url, config.warehouse.state_schema, args.customers
         )
         names = list(config.syncs)
-        check(config, names)
+        check(config, names, args)
         if not as_json:
             console.print(
                 f"Demo warehouse: {rows} customers, newsletter opt-ins, product views and "
@@ -69,11 +77,14 @@ def demo(args: argparse.Namespace) -> int:
             "events": len(state.events),
             "subscriptions": len(state.subscriptions),
         }
-    reports = [*first.values(), *second.values()]
-    code = EXIT_OK if all(r["status"] == "success" for r in reports) else EXIT_FAILED
+    code = exit_code([*first.values(), *second.values()])
     if as_json:
+        outcomes = [outcome(first), outcome(second)]
+        errors = [o["error"] for o in outcomes if o["error"]]
         print_json(
             {
+                "status": max((o["status"] for o in outcomes), key=STATUS_ORDER.index),
+                "error": "; ".join(errors) or None,
                 "warehouse": warehouse,
                 "customers": rows,
                 "first_run": {"syncs": first},
@@ -101,7 +112,17 @@ def sandbox(args: argparse.Namespace) -> int:
     from klaviyo_pipelines.demo import seed_sandbox
     from klaviyo_pipelines.sandbox.server import run_forever
 
-    run_forever("127.0.0.1", args.port, args.api_key, args.time_scale, setup=seed_sandbox)
+    try:
+        run_forever("127.0.0.1", args.port, args.api_key, args.time_scale, setup=seed_sandbox)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped, even as it starts
+        pass
+    except OSError as exc:  # the port taken (or not ours to take): say which, not a traceback
+        print_error(
+            args,
+            f"sandbox: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
+            "stop what uses the port, or choose another with --port",
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -18,18 +18,18 @@ from rich.markup import escape
 
 from klaviyo_pipelines.config import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 # Errors are never wrapped, so a path or a key in a message stays whole in a log.
-errors = Console(stderr=True, soft_wrap=True, highlight=False)
+error_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-def add_output_option(command: argparse.ArgumentParser) -> None:
+def add_output_option(command: argparse.ArgumentParser, default: Any = "table") -> None:
     command.add_argument(
         "--output",
         choices=("table", "json"),
-        default="table",
+        default=default,
         help="json: one JSON object on stdout and nothing else, with stable keys",
     )
 
@@ -47,15 +47,21 @@ def _json_value(value: object) -> str:
     return value.isoformat() if isinstance(value, date) else str(value)
 
 
-def config_errors(errors: Sequence[ConfigError]) -> list[dict[str, str]]:
+def config_errors(problems: Sequence[ConfigError]) -> list[dict[str, str]]:
     """Config errors as JSON: the file, the dotted key and the reason, each on its own."""
-    return [{"file": e.path, "key": e.key, "reason": e.reason} for e in errors]
+    return [{"file": e.path, "key": e.key, "reason": e.reason} for e in problems]
 
 
-def print_error(args: argparse.Namespace, message: str, errors: Sequence[ConfigError] = ()) -> None:
-    """A command that stopped: `{"error": ..., "errors": [...]}` on stdout in JSON mode (the
-    list for config errors), else the message in red on stderr."""
+def print_error(
+    args: argparse.Namespace,
+    message: str,
+    problems: Sequence[ConfigError] = (),
+    status: str = "failed",
+) -> None:
+    """A command that stopped: `{"error": ..., "status": ..., "errors": [...]}` on stdout in
+    JSON mode (the list for config errors), else the message in red on stderr."""
     if wants_json(args):
-        print_json({"error": message, **({"errors": config_errors(errors)} if errors else {})})
+        extra = {"errors": config_errors(problems)} if problems else {}
+        print_json({"error": message, "status": status, **extra})
     else:
-        errors.print(f"[red]{escape(message)}[/red]")
+        error_console.print(f"[red]{escape(message)}[/red]")

@@ -6,15 +6,17 @@ Read-only: it reads the run log, the delivery state and the ledger in the state 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
 from klaviyo_pipelines.cli.output import EXIT_OK, console, print_json, wants_json
-from klaviyo_pipelines.cli.syncs import open_warehouse, selected
-from klaviyo_pipelines.config import load_config
+from klaviyo_pipelines.cli.syncs import load, open_warehouse, selected, step
+
+if TYPE_CHECKING:
+    from klaviyo_pipelines.warehouse.engine import Warehouse
 
 DEFAULT_ROWS = 10  # ledger rows shown per sync unless --rows or --all
 
@@ -33,49 +35,13 @@ def add_status_options(command: argparse.ArgumentParser) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from klaviyo_pipelines.warehouse.state import (
-        delivered_count,
-        latest_run,
-        ledger_counts,
-        ledger_entries,
-    )
-
-    config = load_config(args.config)
+    config = load(args)
     names = selected(config, args.select)
     limit = None if args.all else max(0, args.rows)
     wh = open_warehouse(config)
     try:
-        syncs: dict[str, dict[str, Any]] = {}
-        for name in names:
-            run = latest_run(wh, name)
-            counts = ledger_counts(wh, name)
-            rows = ledger_entries(wh, name, limit=limit) if limit != 0 else []
-            syncs[name] = {
-                "last_run": None
-                if run is None
-                else {
-                    **run.report,
-                    "run_id": run.run_id,
-                    "started_at": run.started_at,
-                    "finished_at": run.finished_at,
-                },
-                "delivered_rows": delivered_count(wh, name),
-                "ledger": {
-                    **{kind.value: n for kind, n in counts.items()},
-                    "rows": [
-                        {
-                            "key": e.key,
-                            "kind": e.kind.value,
-                            "field": e.field,
-                            "reason": e.reason,
-                            "attempts": e.attempts,
-                            "first_seen": e.first_seen,
-                            "last_seen": e.last_seen,
-                        }
-                        for e in rows
-                    ],
-                },
-            }
+        with step(args, "read"):
+            syncs = _read(wh, names, limit)
     finally:
         wh.dispose()
     if wants_json(args):
@@ -83,6 +49,49 @@ def status(args: argparse.Namespace) -> int:
     else:
         _print_status(syncs)
     return EXIT_OK
+
+
+def _read(wh: Warehouse, names: list[str], limit: int | None) -> dict[str, dict[str, Any]]:
+    """Each sync's last run, delivered rows and ledger, as `--output json` shows them."""
+    from klaviyo_pipelines.warehouse.state import (
+        delivered_count,
+        latest_run,
+        ledger_counts,
+        ledger_entries,
+    )
+
+    syncs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        run = latest_run(wh, name)
+        counts = ledger_counts(wh, name)
+        rows = ledger_entries(wh, name, limit=limit) if limit != 0 else []
+        syncs[name] = {
+            "last_run": None
+            if run is None
+            else {
+                **run.report,
+                "run_id": run.run_id,
+                "started_at": run.started_at,
+                "finished_at": run.finished_at,
+            },
+            "delivered_rows": delivered_count(wh, name),
+            "ledger": {
+                **{kind.value: n for kind, n in counts.items()},
+                "rows": [
+                    {
+                        "key": e.key,
+                        "kind": e.kind.value,
+                        "field": e.field,
+                        "reason": e.reason,
+                        "attempts": e.attempts,
+                        "first_seen": e.first_seen,
+                        "last_seen": e.last_seen,
+                    }
+                    for e in rows
+                ],
+            },
+        }
+    return syncs
 
 
 def _print_status(syncs: dict[str, dict[str, Any]]) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+import re
+import signal
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -22,12 +26,107 @@ from klaviyo_pipelines.cli.output import (
     wants_json,
 )
 from klaviyo_pipelines.cli.progress_bars import progress_observer
-from klaviyo_pipelines.config import Config, ConfigError, load_config
+from klaviyo_pipelines.config import CONFIG_ENV_VAR, Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # the heavy imports wait until a command needs them, so --help is instant
     from klaviyo_pipelines.warehouse.engine import Warehouse
 
 SAMPLES_SHOWN = 5  # rejected rows listed under the summary table, per sync
+
+
+def load(args: argparse.Namespace) -> Config:
+    """The config file; the warehouse it names (password masked) and the secrets it reads are
+    kept on `args`, so a failure can name the warehouse and never show a secret."""
+    import sqlalchemy as sa
+
+    config = load_config(args.config)
+    try:
+        url = sa.engine.make_url(config.warehouse.url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(config.path, "warehouse.url", f"not a SQLAlchemy URL: {exc}") from None
+    args.warehouse = url.render_as_string(hide_password=True)
+    args.secrets = [s for s in (url.password, os.environ.get(config.klaviyo.api_key.env_var)) if s]
+    return config
+
+
+@contextmanager
+def step(args: argparse.Namespace, name: str) -> Iterator[None]:
+    """A warehouse error inside names this step (snapshot, change set, read...)."""
+    from klaviyo_pipelines.warehouse.errors import warehouse_step
+
+    with warehouse_step(getattr(args, "warehouse", "(unknown)"), name):
+        yield
+
+
+def failure_message(args: argparse.Namespace, exc: BaseException) -> str:
+    """One line for a command that failed: a warehouse failure names the warehouse (password
+    masked), the step and the engine's words; any other error the command and the error.
+    Secrets the config read are masked in whatever the error itself says."""
+    import sqlalchemy as sa
+
+    from klaviyo_pipelines.warehouse.errors import WarehouseError, engine_message
+
+    def masked(text: str) -> str:
+        for secret in getattr(args, "secrets", ()):
+            text = text.replace(secret, "***")
+        return text
+
+    if isinstance(exc, WarehouseError):
+        return str(WarehouseError(exc.warehouse, exc.step, masked(exc.detail)))
+    if isinstance(exc, sa.exc.SQLAlchemyError):  # one the warehouse code did not name a step of
+        warehouse = getattr(args, "warehouse", "(unknown)")
+        return str(WarehouseError(warehouse, args.command, masked(engine_message(exc))))
+    if type(exc).__module__.startswith("klaviyo_pipelines"):
+        return f"{args.command} failed: {masked(str(exc))}"
+    return f"{args.command} failed: {type(exc).__name__}: {masked(str(exc))}"
+
+
+def partition_day(text: str) -> str:
+    """`--partition`'s form, checked as argparse reads it: a real day written YYYY-MM-DD."""
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            date.fromisoformat(text)
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a day: expected YYYY-MM-DD, e.g. 2026-01-31")
+
+
+def check_days(config: Config, names: Sequence[str], days: Sequence[str]) -> None:
+    """Each `--partition` day is one of the days of every selected daily-partitioned model:
+    from its `partition.start` to today (UTC), as Dagster's partitions are."""
+    today = datetime.now(UTC).date()
+    for name in names:
+        model = config.models[config.syncs[name].model]
+        if model.partition is None:
+            continue
+        start = date.fromisoformat(model.partition.start)
+        for day in days:
+            if not start <= date.fromisoformat(day) <= today:
+                raise ConfigError(
+                    config.path,
+                    "--partition",
+                    f"{day} is not a day of model {model.name!r} (sync {name!r}): its days "
+                    f"run from models.{model.name}.partition.start {start} to today, {today}",
+                )
+
+
+def outcome(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The runs in one word and, when any did not succeed, each one's error:
+    `{"status": success | failed | interrupted, "error": None | "<sync>: <error>; ..."}`."""
+    statuses = {r["status"] for r in reports.values()}
+    failed = [f"{n}: {r.get('error')}" for n, r in reports.items() if r["status"] != "success"]
+    status = "interrupted" if "interrupted" in statuses else "failed" if failed else "success"
+    return {"status": status, "error": "; ".join(failed) or None}
+
+
+def exit_code(reports: Sequence[dict[str, Any]]) -> int:
+    """0 when every run succeeded; 128 + the signal when one was interrupted; else 1."""
+    from klaviyo_pipelines import interrupt
+
+    if any(r["status"] == "interrupted" for r in reports):
+        return 128 + (interrupt.signal_number() or signal.SIGINT)
+    return EXIT_OK if all(r["status"] == "success" for r in reports) else EXIT_FAILED
 
 
 def selected(config: Config, select: Sequence[str] | None) -> list[str]:
@@ -44,19 +143,27 @@ def selected(config: Config, select: Sequence[str] | None) -> list[str]:
 
 
 def open_warehouse(config: Config) -> Warehouse:
+    """The warehouse; an engine we do not support (or whose driver is missing) is a
+    configuration error naming `warehouse.url`."""
+    from klaviyo_pipelines.warehouse.dialects import UnsupportedWarehouse, check_url
     from klaviyo_pipelines.warehouse.engine import Warehouse
 
+    try:
+        check_url(config.warehouse.url)
+    except UnsupportedWarehouse as exc:
+        raise ConfigError(config.path, "warehouse.url", str(exc)) from None
     return Warehouse(config.warehouse.url, config.warehouse.state_schema)
 
 
-def check(config: Config, names: Sequence[str]) -> None:
+def check(config: Config, names: Sequence[str], args: argparse.Namespace) -> None:
     """Every selected sync checked against the warehouse before any run starts."""
     from klaviyo_pipelines.runner import check_sync
 
     wh = open_warehouse(config)
     try:
-        for name in names:
-            check_sync(config, name, wh)
+        with step(args, "read"):
+            for name in names:
+                check_sync(config, name, wh)
     finally:
         wh.dispose()
 
@@ -66,26 +173,29 @@ def plan(args: argparse.Namespace) -> int:
     from klaviyo_pipelines.warehouse.lock import SyncLocked
     from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 
-    config = load_config(args.config)
+    config = load(args)
     names = selected(config, args.select)
+    check_days(config, names, args.partition)
     wh = open_warehouse(config)
     partition = args.partition[0] if args.partition else None
     try:
-        for model in {
-            m for n in names for m in (config.syncs[n].model, *config.syncs[n].extra_models)
-        }:
-            spec = config.models[model]
-            take_snapshot(wh, spec, config.path, partition if spec.partition else None)
-        reports = {
-            n: plan_sync(
-                config,
-                n,
-                wh,
-                retry_rejected=args.retry_rejected,
-                partition=partition if config.models[config.syncs[n].model].partition else None,
-            )
-            for n in names
-        }
+        with step(args, "snapshot"):
+            for model in {
+                m for n in names for m in (config.syncs[n].model, *config.syncs[n].extra_models)
+            }:
+                spec = config.models[model]
+                take_snapshot(wh, spec, config.path, partition if spec.partition else None)
+        with step(args, "change set"):
+            reports = {
+                n: plan_sync(
+                    config,
+                    n,
+                    wh,
+                    retry_rejected=args.retry_rejected,
+                    partition=partition if config.models[config.syncs[n].model].partition else None,
+                )
+                for n in names
+            }
     except SyncLocked as exc:  # a plan would rewrite the change set the running sync reads
         print_error(args, str(exc))
         return EXIT_FAILED
@@ -137,7 +247,7 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def sync(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     audience_syncs = [
         n for n, s in config.syncs.items() if config.models[s.model].audience is not None
     ]
@@ -152,8 +262,9 @@ def sync(args: argparse.Namespace) -> int:
                     f"sync {name!r} is not an audience sync (audience syncs: "
                     f"{', '.join(audience_syncs) or 'none'})",
                 )
+    check_days(config, names, args.partition)
     config.klaviyo.api_key.resolve(config.path)  # a missing key is exit 2, not a traceback
-    check(config, names)
+    check(config, names, args)
     reports = run_syncs(
         config,
         names,
@@ -164,10 +275,10 @@ def sync(args: argparse.Namespace) -> int:
         override_exit_guard=args.override_exit_guard,
     )
     if wants_json(args):
-        print_json({"syncs": reports})
+        print_json({**outcome(reports), "syncs": reports})
     else:
         print_summary(reports)
-    return EXIT_OK if all(r["status"] == "success" for r in reports.values()) else EXIT_FAILED
+    return exit_code(list(reports.values()))
 
 
 def run_syncs(
@@ -177,14 +288,38 @@ def run_syncs(
     go to `materialize_syncs` (partitions, audiences, retry_rejected, override_exit_guard)."""
     import dagster as dg
 
-    from klaviyo_pipelines.dagster_defs.execution import materialize_syncs
+    with _default_config(config):
+        from klaviyo_pipelines.dagster_defs.execution import materialize_syncs
 
     home = os.environ.get("DAGSTER_HOME")
     if home:  # a persistent instance, so `dagster dev` shows these runs
         os.makedirs(home, exist_ok=True)
     instance = dg.DagsterInstance.get() if home else None
+    # Dagster logs a failed step with its stack trace; the CLI shows each sync's error instead.
+    log_level = "WARNING" if args.debug else "CRITICAL"
     with progress_observer(args.progress, wants_json(args)) as observer:
-        return materialize_syncs(config, names, instance=instance, observer=observer, **options)
+        return materialize_syncs(
+            config, names, instance=instance, observer=observer, log_level=log_level, **options
+        )
+
+
+@contextmanager
+def _default_config(config: Config) -> Iterator[None]:
+    """While inside, the default config is `config`'s file: importing the Dagster layer loads
+    the default config (`definitions.defs`), which must be the one `--config` named, not
+    another file that may be broken."""
+    if not os.path.isfile(config.path):  # the bundled demo config
+        yield
+        return
+    previous = os.environ.get(CONFIG_ENV_VAR)
+    os.environ[CONFIG_ENV_VAR] = config.path
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[CONFIG_ENV_VAR]
+        else:
+            os.environ[CONFIG_ENV_VAR] = previous
 
 
 SUMMARY_COLUMNS = (
@@ -223,7 +358,7 @@ def print_summary(reports: dict[str, dict[str, Any]], title: str = "Sync results
     console.print(table)
     for name, r in reports.items():
         if r.get("error"):
-            console.print(f"[red]{name} failed: {escape(r['error'])}[/red]", highlight=False)
+            console.print(f"[red]{name} {r['status']}: {escape(r['error'])}[/red]", highlight=False)
     samples = [
         (name, s) for name, r in reports.items() for s in (r.get("samples") or [])[:SAMPLES_SHOWN]
     ]

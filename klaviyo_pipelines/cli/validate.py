@@ -3,6 +3,11 @@
 Reads the warehouse, writes nothing and calls no API: it checks what a run would check before
 sending (the file, the API key's variable, every model's query and key, each sync's mapping
 and settings against its model's columns), but reports every problem, not just the first.
+
+`--offline` checks only what needs neither the API key nor the network, so a CI lint of the
+config runs without the secret: the file (YAML, keys, types, actions, change kinds), and the
+models and mappings against the warehouse's columns when the warehouse is a local file
+(DuckDB); a warehouse on a server is then left unchecked, and the output says so.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from klaviyo_pipelines.cli.output import (
     EXIT_OK,
     config_errors,
     console,
-    errors,
+    error_console,
     print_json,
     wants_json,
 )
-from klaviyo_pipelines.config import Config, ConfigError, load_config
+from klaviyo_pipelines.cli.syncs import load, open_warehouse
+from klaviyo_pipelines.config import Config, ConfigError
+from klaviyo_pipelines.warehouse.dialects import level_warning
 
 if TYPE_CHECKING:
     from klaviyo_pipelines.warehouse.engine import Warehouse
@@ -29,27 +36,45 @@ if TYPE_CHECKING:
 
 def validate(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config = load(args)
     except ConfigError as exc:  # the file itself: nothing more can be checked
         return _report(args, exc.path, [], [exc])
-    return _report(args, config.path, list(config.syncs), config_problems(config))
+    offline = args.offline and not _local(config.warehouse.url)
+    problems = config_problems(config, key=not args.offline, warehouse=not offline)
+    warning = level_warning(config.warehouse.url)
+    warnings = [f"warehouse.url: {warning}"] if warning else []
+    return _report(args, config.path, list(config.syncs), problems, offline, warnings)
 
 
-def config_problems(config: Config) -> list[ConfigError]:
-    """Every problem a run would stop on before sending, in file order."""
-    from klaviyo_pipelines.warehouse.engine import Warehouse
-
+def config_problems(
+    config: Config, *, key: bool = True, warehouse: bool = True
+) -> list[ConfigError]:
+    """Every problem a run would stop on before sending, in file order; without `key` the
+    API key's variable is not looked at, without `warehouse` the warehouse is not read."""
     problems: list[ConfigError] = []
+    if key:
+        try:
+            config.klaviyo.api_key.resolve(config.path)  # only whether it is set; never shown
+        except ConfigError as exc:
+            problems.append(exc)
+    if not warehouse:
+        return problems
     try:
-        config.klaviyo.api_key.resolve(config.path)  # only whether it is set; never shown
+        wh = open_warehouse(config)
     except ConfigError as exc:
-        problems.append(exc)
-    wh = Warehouse(config.warehouse.url, config.warehouse.state_schema)
+        return [*problems, exc]
     try:
         problems += _warehouse_problems(config, wh)
     finally:
         wh.dispose()
     return problems
+
+
+def _local(url: str) -> bool:
+    """Whether the warehouse is read without the network: an embedded engine's file."""
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).get_backend_name() in ("duckdb", "sqlite")
 
 
 def _warehouse_problems(config: Config, wh: Warehouse) -> list[ConfigError]:
@@ -65,7 +90,8 @@ def _warehouse_problems(config: Config, wh: Warehouse) -> list[ConfigError]:
             pass
     except sa.exc.SQLAlchemyError as exc:
         detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        return [ConfigError(config.path, "warehouse.url", f"cannot connect: {detail}")]
+        reason = f"cannot connect: {detail} (warehouse {wh.name})"
+        return [ConfigError(config.path, "warehouse.url", reason)]
     problems: list[ConfigError] = []
     columns: dict[str, list[str]] = {}
     for model in config.models.values():
@@ -109,7 +135,12 @@ def _warehouse_problems(config: Config, wh: Warehouse) -> list[ConfigError]:
 
 
 def _report(
-    args: argparse.Namespace, path: str, syncs: list[str], problems: list[ConfigError]
+    args: argparse.Namespace,
+    path: str,
+    syncs: list[str],
+    problems: list[ConfigError],
+    skipped: bool = False,
+    warnings: list[str] | None = None,
 ) -> int:
     if wants_json(args):
         print_json(
@@ -117,17 +148,27 @@ def _report(
                 "valid": not problems,
                 "config": path,
                 "syncs": syncs,
+                "warehouse_checked": not skipped and bool(syncs),
                 "errors": config_errors(problems),
+                "warnings": warnings or [],
                 **({"error": "; ".join(map(str, problems))} if problems else {}),
             }
         )
     elif problems:
         for problem in problems:
-            errors.print(
+            error_console.print(
                 f"[red]{escape(problem.path)}[/red]: [bold]{escape(problem.key)}[/bold]: "
                 f"{escape(problem.reason)}"
             )
-        errors.print(f"[red]{len(problems)} problem(s) in {escape(path)}[/red]")
+        error_console.print(f"[red]{len(problems)} problem(s) in {escape(path)}[/red]")
     else:
-        console.print(f"[green]{path}: {len(syncs)} sync(s) valid[/green]")
+        console.print(f"[green]{escape(path)}: {len(syncs)} sync(s) valid[/green]")
+    if not wants_json(args):
+        for warning in warnings or []:
+            console.print(f"[yellow]{escape(path)}: {escape(warning)}[/yellow]")
+    if skipped and not wants_json(args):
+        console.print(
+            f"[yellow]--offline: the warehouse {escape(args.warehouse)} was not read, so the "
+            "models and mappings against its columns were not checked[/yellow]"
+        )
     return EXIT_CONFIG if problems else EXIT_OK

@@ -213,11 +213,14 @@ def _run_audiences(
 
 
 def _root_message(error: Any) -> str:
-    """The user's own error under Dagster's wrappers: once a step's retries are spent, the
-    failure says only "Exceeded max_retries of 1" and holds the real error as its cause."""
-    while error.cause is not None:
+    """The first error under Dagster's wrappers (a step's execution error; once its retries
+    are spent, "Exceeded max_retries of 1"): ours, such as a WarehouseError naming the step,
+    not the driver's text it wraps, and without its class path."""
+    while error.cause is not None and (error.cls_name.startswith(("Dagster", "RetryRequested"))):
         error = error.cause
-    return error.message.strip()
+    message = error.message.strip()
+    head, _, rest = message.partition(": ")
+    return rest if rest and head.rsplit(".", 1)[-1] == error.cls_name else message
 
 
 def _sum_partitions(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -209,10 +209,8 @@ class Warehouse:
             yield
             return
         conn.execute(sa.text("SET force_compression = 'uncompressed'"))
-        try:
-            yield
-        finally:
-            conn.execute(sa.text("RESET force_compression"))
+        yield  # after a failure the connection is thrown away: no RESET to mask the error
+        conn.execute(sa.text("RESET force_compression"))
 
     def table_exists(self, conn: Connection, name: str) -> bool:
         return sa.inspect(conn).has_table(self.fit(name), schema=self.state_schema)

@@ -64,6 +64,21 @@ def check_url(url: str) -> type[WarehouseDialect]:
     return engine
 
 
+CAVEATS = {
+    "emulated": "is verified on an emulator only (fakesnow runs its SQL on DuckDB)",
+    "experimental": "is experimental: its statements are parsed here, never run",
+}
+
+
+def level_warning(url: str) -> str | None:
+    """What `validate` says of an engine not proven on a real server, or None."""
+    engine = dialect_class(url)
+    caveat = CAVEATS.get(engine.level)
+    if caveat is None:
+        return None
+    return f"{engine.name} {caveat}: run `plan` and check the first syncs; see docs/warehouses.md"
+
+
 def dialect_for(engine: sa.Engine) -> WarehouseDialect:
     return dialect_class(f"{engine.dialect.name}://")(engine.dialect, engine)
 
@@ -75,4 +90,5 @@ __all__ = [
     "check_url",
     "dialect_class",
     "dialect_for",
+    "level_warning",
 ]

@@ -19,8 +19,8 @@ class WarehouseDialect:
     for `acquire_session_lock` / `release_session_lock`."""
 
     name = "generic"
-    # How well it is proven here: "verified" (a real server or an emulator runs the whole
-    # warehouse suite in CI) or "experimental" (every statement compiled and parsed only).
+    # How well it is proven here: "verified" (a real server runs the warehouse suite in CI),
+    # "emulated" (an emulator runs it) or "experimental" (its statements are parsed only).
     level = "experimental"
     extra: str | None = None  # the package extra that installs the driver
     max_identifier_length = 63  # bytes; PostgreSQL's is the smallest of the engines we know

@@ -11,6 +11,7 @@ from klaviyo_pipelines.warehouse.dialects.base import WarehouseDialect
 
 class SnowflakeDialect(WarehouseDialect):
     name = "snowflake"
+    level = "emulated"  # fakesnow runs the warehouse suite: Snowflake's SQL on DuckDB
     extra = "snowflake"
     max_identifier_length = 255
     timestamp_cast = "TIMESTAMP_NTZ"
