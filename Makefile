@@ -2,9 +2,11 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# The Snowflake emulator (fakesnow) needs SQLAlchemy 2.0 and connector 4.x: its own venv.
+SNOWFLAKE_BIN := .venv-snowflake/bin
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo test ui lint bench
+.PHONY: demo test test-snowflake ui lint bench
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +23,18 @@ $(DAGSTER_HOME)/dagster.yaml:
 demo: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/klaviyo-pipelines demo
 
-test: $(BIN)/.installed
-	env -u DAGSTER_HOME $(BIN)/pytest
+$(SNOWFLAKE_BIN)/.installed: pyproject.toml constraints/snowflake.txt
+	test -x $(SNOWFLAKE_BIN)/python || $(PYTHON) -m venv .venv-snowflake
+	$(SNOWFLAKE_BIN)/python -m pip install --quiet --upgrade pip
+	$(SNOWFLAKE_BIN)/python -m pip install --quiet -e '.[dev,snowflake]' 'fakesnow[server]' \
+		-c constraints/snowflake.txt
+	touch $@
+
+test: $(BIN)/.installed test-snowflake
+	env -u DAGSTER_HOME $(BIN)/pytest -m "not snowflake"
+
+test-snowflake: $(SNOWFLAKE_BIN)/.installed
+	env -u DAGSTER_HOME $(SNOWFLAKE_BIN)/pytest -m snowflake
 
 ui: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh

@@ -80,6 +80,21 @@ def mariadb_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def snowflake_url() -> Iterator[str]:
+    """Snowflake's SQL, run by the fakesnow emulator inside this process (a fresh database per
+    test). It needs its own environment (constraints/snowflake.txt): `make test-snowflake`."""
+    try:
+        import fakesnow
+    except ImportError as exc:
+        message = f"the Snowflake emulator is not installed here ({exc}): make test-snowflake"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must run the Snowflake tests")
+        pytest.skip(message)
+    with fakesnow.patch():
+        yield "snowflake://kp@emulator/kp_test/public"
+
+
 def state_schema_for(url: str) -> str:
     """The state schema a test uses: on MySQL a schema is a database, shared by the server's
     tests, so each test gets its own; elsewhere the default."""
