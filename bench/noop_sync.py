@@ -71,7 +71,7 @@ def first_sync(url: str, base_url: str, rows: int) -> dict[str, Any]:
     wh, config = Warehouse(url), make_config(url, base_url)
     with wh.engine.begin() as conn:
         conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS bench"))
-        conn.execute(sa.text(f"CREATE TABLE bench.people AS {people_sql(wh.dialect, 10, 1, rows)}"))
+        conn.execute(sa.text(f"CREATE TABLE bench.people AS {people_sql(wh.sql, 10, 1, rows)}"))
     started = time.perf_counter()
     deliver_first_sync_in_sql(wh, config, rows)
     seconds = time.perf_counter() - started
