@@ -172,24 +172,30 @@ def test_3000_customers_first_sync_rerun_and_exact_edits(every_warehouse_url, sa
     assert (again.status, again.requests, again.planned) == ("success", 0, {})
     assert again.held_invalid == 30  # unchanged bad rows cost no request
 
-    # 3 edits and 1 city set to NULL: exactly 4 updates; NULL keeps what Klaviyo holds.
-    edited = {11: "Ēdith", 12: "Bob", 2999: "Zoë"}
-    rows = [
-        customer(i, "not-an-email" if i % 100 == 7 else None, first_name=edited[i])
-        if i in edited
-        else customer(i, "not-an-email" if i % 100 == 7 else None, city=None)
-        if i == 13
-        else customer(i, "not-an-email" if i % 100 == 7 else None)
-        for i in range(3000)
-    ]
-    load(wh, table, rows)
+    # 10 edits, one of them a city set to NULL: exactly 10 updates; NULL keeps Klaviyo's value.
+    def shop(edits: dict[int, dict[str, object]]) -> list[tuple]:
+        bad = {i: "not-an-email" for i in range(3000) if i % 100 == 7}
+        return [customer(i, bad.get(i), **edits.get(i, {})) for i in range(3000)]
+
+    edits: dict[int, dict[str, object]] = {i: {"first_name": f"Ēdith{i}"} for i in range(20, 29)}
+    edits[13] = {"city": None}
+    load(wh, table, shop(edits))
     third = run(config, wh, sandbox, "profiles")
     assert third.status == "success", third.error
-    assert third.planned == {"updated": 4}
-    assert sum(third.delivered.values()) == 4
-    for i, name in edited.items():
-        assert profile_by_email(sandbox, f"c{i}@shop.example").attributes["first_name"] == name
+    assert (third.planned, sum(third.delivered.values())) == ({"updated": 10}, 10)
+    for i in range(20, 29):
+        assert (
+            profile_by_email(sandbox, f"c{i}@shop.example").attributes["first_name"] == f"Ēdith{i}"
+        )
     assert profile_by_email(sandbox, "c13@shop.example").attributes["location"]["city"] == "Austin"
+
+    # then 3 more edits of columns the sync reads (a column it does not read sends nothing)
+    edits |= {11: {"first_name": "Bob"}, 12: {"phone": "+15125550199"}, 2999: {"city": "Dallas"}}
+    edits[5] = {"ltv": 99.0}
+    load(wh, table, shop(edits))
+    fourth = run(config, wh, sandbox, "profiles")
+    assert (fourth.planned, sum(fourth.delivered.values())) == ({"updated": 3}, 3)
+    assert profile_by_email(sandbox, "c11@shop.example").attributes["first_name"] == "Bob"
 
 
 def test_leavers_reach_remove_profile_with_their_identifiers(every_warehouse_url, sandbox):

@@ -127,7 +127,7 @@ def compute_change_set(
     in_state = "st.partition_key = :partition AND " if partition else ""
     params = {"fingerprint": fingerprint, "sync": sync.name, "partition": partition}
     ensure_tables(wh, sync.name)
-    with warehouse_step(wh.name, f"change set of sync {sync.name!r}"), wh.engine.begin() as conn:
+    with wh.begin(f"change set of sync {sync.name!r}") as conn:
         for statement in wh.sql.set_session():
             conn.execute(sa.text(statement))
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))

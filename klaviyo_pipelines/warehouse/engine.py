@@ -133,6 +133,18 @@ class Warehouse:
         if hold is not None:
             hold.close()
 
+    @contextmanager
+    def begin(self, step: str) -> Iterator[Connection]:
+        """A transaction whose database errors become a WarehouseError naming `step`."""
+        with warehouse_step(self.name, step), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def connect(self, step: str) -> Iterator[Connection]:
+        """A connection whose database errors become a WarehouseError naming `step`."""
+        with warehouse_step(self.name, step), self.engine.connect() as conn:
+            yield conn
+
     def quote(self, name: str) -> str:
         return self.sql.quote(name)
 

@@ -172,7 +172,7 @@ def record_outcomes(
         return
     stamp = now()
     state, ledger = wh.table(state_table(sync)), wh.table(LEDGER)
-    with wh.engine.begin() as conn:
+    with wh.begin("state write") as conn:
         if delivered:
             key = _ddl(wh, wh.sql.key_type)
             staged = _staging(
@@ -209,13 +209,13 @@ def record_outcomes(
 
 def record_failures(wh: Warehouse, sync: str, failures: Sequence[Failure]) -> None:
     if failures:
-        with wh.engine.begin() as conn:
+        with wh.begin("ledger write") as conn:
             _merge_failures(wh, conn, sync, failures, now())
 
 
 def forget_failures(wh: Warehouse, sync: str, row_hash: str) -> None:
     """Drop the sync's ledger rows recorded under `row_hash` (a marker for whole-run checks)."""
-    with wh.engine.begin() as conn:
+    with wh.begin("ledger write") as conn:
         conn.execute(
             sa.text(f"DELETE FROM {wh.table(LEDGER)} WHERE sync = :sync AND row_hash = :row_hash"),
             {"sync": sync, "row_hash": row_hash},
@@ -273,7 +273,7 @@ def _merge_failures(
 
 def ledger_entries(wh: Warehouse, sync: str, limit: int | None = None) -> list[LedgerEntry]:
     """The sync's rows awaiting retry or a fix, most recently seen first."""
-    with wh.engine.connect() as conn:
+    with wh.connect("read the ledger") as conn:
         if not wh.table_exists(conn, LEDGER):
             return []
         query = (
@@ -291,7 +291,7 @@ def ledger_entries(wh: Warehouse, sync: str, limit: int | None = None) -> list[L
 def ledger_counts(wh: Warehouse, sync: str) -> dict[FailureKind, int]:
     """How many of the sync's rows await a fix (invalid) or a retry (transient), by kind."""
     counts = dict.fromkeys(FailureKind, 0)
-    with wh.engine.connect() as conn:
+    with wh.connect("read the ledger") as conn:
         if not wh.table_exists(conn, LEDGER):
             return counts
         rows = conn.execute(
@@ -304,7 +304,7 @@ def ledger_counts(wh: Warehouse, sync: str) -> dict[FailureKind, int]:
 
 
 def delivered_count(wh: Warehouse, sync: str) -> int:
-    with wh.engine.connect() as conn:
+    with wh.connect("read the delivery state") as conn:
         if not wh.table_exists(conn, state_table(sync)):
             return 0
         return int(
@@ -320,7 +320,7 @@ def record_run(
     status: str,
     report: dict[str, Any],
 ) -> None:
-    with wh.engine.begin() as conn:
+    with wh.begin("run log write") as conn:
         conn.execute(
             sa.text(
                 f"INSERT INTO {wh.table(RUNS)} (run_id, sync, started_at, finished_at, status, "
@@ -350,7 +350,7 @@ class RunRecord:
 
 def latest_run(wh: Warehouse, sync: str) -> RunRecord | None:
     """The sync's most recently finished run, or None when it never ran."""
-    with wh.engine.connect() as conn:
+    with wh.connect("read the run log") as conn:
         if not wh.table_exists(conn, RUNS):
             return None
         row = conn.execute(
@@ -368,7 +368,7 @@ def run_report(wh: Warehouse, sync: str, run_id: str | None = None) -> dict[str,
     where, params = "sync = :sync", {"sync": sync}
     if run_id is not None:
         where, params = where + " AND run_id = :run_id", {**params, "run_id": run_id}
-    with wh.engine.connect() as conn:
+    with wh.connect("read the run log") as conn:
         if not wh.table_exists(conn, RUNS):
             return None
         row = conn.execute(
