@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from klaviyo_pipelines.demo import create_demo_warehouse
-from klaviyo_pipelines.sandbox import Sandbox
+from klaviyo_pipelines.sandbox import Fault, Sandbox
 from klaviyo_pipelines_tests.cli_runs import REPO, run_text, write_config
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
 
 ONE = ("--select", "customers_to_klaviyo")
+IMPORTS = "/api/profile-bulk-import-jobs"
 PASSWORD = "s3cret-pw-7731"
 CLOSED_PORT = 1  # nothing listens on loopback port 1
 TRACEBACK = "Traceback (most recent call last)"
@@ -130,6 +131,33 @@ def _unreachable_klaviyo(world: World) -> str:
 def _refused_key(world: World, _command: str) -> list[str]:
     world.env["KLAVIYO_API_KEY"] = "pk_not_the_sandbox_key_0000000000000"
     return ["--config", world.config]
+
+
+MISSING_SCOPE = json.dumps(
+    {
+        "errors": [
+            {
+                "id": "4f1c0c6e",
+                "status": 403,
+                "code": "permission_denied",
+                "title": "You do not have permission to perform this action.",
+                "detail": "The API key is missing the required scopes: profiles:write",
+            }
+        ]
+    }
+)
+
+
+def _klaviyo_answers(status: int, body: str | None = None) -> Callable[[World, str], list[str]]:
+    """Every bulk import answered `status` (the matrix's client makes one attempt)."""
+
+    def cause(world: World, _command: str) -> list[str]:
+        fault = Fault("status", status=status, count=None, path_prefix=IMPORTS, body=body)
+        world.sandbox.faults.add(fault)
+        world.request.addfinalizer(world.sandbox.faults.clear)
+        return ["--config", world.config]
+
+    return cause
 
 
 def _interrupt(world: World, _command: str) -> list[str]:
@@ -249,6 +277,20 @@ CASES = [
         1,
         lambda w: ["customers_to_klaviyo", "POST /api/profile-bulk-import-jobs -> 401"],
         hidden=(PASSWORD, "pk_not_the_sandbox_key_0000000000000"),
+    ),
+    Case(
+        "key lacks a scope (403)",
+        ("sync",),
+        _klaviyo_answers(403, MISSING_SCOPE),
+        1,
+        lambda w: ["customers_to_klaviyo", f"POST {IMPORTS} -> 403", "profiles:write"],
+    ),
+    Case(
+        "Klaviyo 5xx after retries",
+        ("sync",),
+        _klaviyo_answers(503),
+        1,
+        lambda w: ["customers_to_klaviyo", f"POST {IMPORTS} -> 503"],
     ),
     Case(
         "interrupted (Ctrl-C)",
