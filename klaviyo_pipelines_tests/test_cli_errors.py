@@ -595,6 +595,6 @@ def test_a_masked_password_leaves_the_rest_of_the_message_whole(shop, monkeypatc
     assert code == 1
     error = json.loads(out)["error"]
     assert error.startswith(
-        f"warehouse postgresql+psycopg://postgres:***@127.0.0.1:{CLOSED_PORT}/shop: read failed: "
+        f"warehouse postgresql+psycopg://postgres:***@127.0.0.1:{CLOSED_PORT}/shop: read the run log failed: "
     )
     assert "refused" in error
