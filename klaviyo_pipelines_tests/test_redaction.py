@@ -24,6 +24,7 @@ from klaviyo_pipelines.sandbox.errors import error_object
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.state import ledger_entries
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
+from klaviyo_pipelines_tests.test_secrets import event_log
 from klaviyo_pipelines_tests.test_upsert_profile_sync import customers, load
 
 ESCAPED = TEST_API_KEY.replace("t", "\\u0074")  # pk_\u0074es\u0074_...: JSON for the key
@@ -92,20 +93,6 @@ syncs:
   in_the_cli: {{model: customers, action: upsert_profile, settings: {{batch_size: 4}}}}
   refused: {{model: customers, action: upsert_profile, settings: {{batch_size: 4}}}}
 """
-
-
-def event_log(instance: dg.DagsterInstance) -> list[str]:
-    texts = []
-    for run in instance.get_runs():
-        for entry in instance.all_logs(run.run_id):
-            texts.append(str(entry))
-            event = entry.dagster_event
-            if event and event.is_step_failure and event.step_failure_data.error:
-                texts.append(event.step_failure_data.error.to_string())
-            if event and event.is_step_materialization:
-                metadata = event.step_materialization_data.materialization.metadata
-                texts.append(json.dumps({k: str(v) for k, v in metadata.items()}))
-    return texts
 
 
 def test_an_escaped_key_reaches_no_report_ledger_or_event(
