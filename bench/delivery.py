@@ -115,8 +115,7 @@ CASES = [
         PEOPLE,
         {"external_id": "customer_id", "properties": {"ltv": "ltv", "tier": "tier"}},
         {"batch_size": 250},
-        extra_requests=1,
-        note="batch 250 of 10,000; one job poll per job counted in the ceiling",
+        note="batch 250 of 10,000; job polls have their own quota",
     ),
     Case(
         "track_event",
@@ -189,7 +188,6 @@ CASES = [
         {"external_id": "customer_id", "first_name": "first_name"},
         {"lists": {AUDIENCE: LIST_ID}, "batch_size": 250},
         audience=True,
-        extra_requests=1,
         note="as Upsert Profile",
     ),
     Case(
@@ -219,7 +217,6 @@ FULL_BATCH_CASES = [
         "",
         shop_data.PROFILE_MAPPING,
         {"batch_size": 10_000},
-        extra_requests=1,
         shop_sql=shop_data.customers_sql,
         rows=300_000,
         note="batch 10,000 at scale 1, shop rows (40% phones); rows/s over its writes",
