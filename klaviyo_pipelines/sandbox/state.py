@@ -289,6 +289,19 @@ class SandboxState:
             self._apply(profile, attrs, meta)
             return profile
 
+    def delete_profile(self, profile_id: str) -> None:
+        """Delete a profile as someone in Klaviyo's UI would: its identifiers, list memberships
+        and consent go with it (for tests of drift behind the project's back)."""
+        with self.lock:
+            profile = self.profiles.pop(profile_id)
+            for name in IDENTIFIERS:
+                value = profile.attributes.get(name)
+                if value is not None:
+                    self._index(name).pop(self._key(name, value), None)
+            for members in self.memberships.values():
+                members.pop(profile_id, None)
+            self.subscriptions.pop(profile_id, None)
+
     def resolve(self, attrs: dict[str, Any], profile_id: str | None = None) -> str | None:
         """Dry run of :meth:`upsert_profile`: the id it would update (None: it would create).
 
