@@ -33,6 +33,7 @@ KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 DEFAULT_REVISION = "2026-07-15"
 
 AUDIENCE_ACTIONS = frozenset({"add_profile_to_list", "remove_profile_from_list"})
+DAGSTER_KEYS = ("key_prefix", "group", "owners", "tags")  # top level: see DagsterSpec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -162,6 +163,7 @@ class ModelSpec:
     partition: PartitionSpec | None = None
     audience: AudienceSpec | None = None
     sql_params_items: tuple[tuple[str, str], ...] = ()
+    deps: tuple[str, ...] = ()  # upstream Dagster asset keys, `/`-separated: lineage
 
     @property
     def sql_params(self) -> dict[str, str]:
@@ -183,6 +185,25 @@ class RetrySpec:
 
 
 @dataclass(frozen=True)
+class AutomationSpec:
+    """When Dagster runs a sync by itself: once its upstream changed (eager), or on a cron once
+    its upstream changed since the last tick (on_cron)."""
+
+    kind: str  # "eager" or "on_cron"
+    cron: str | None = None
+
+
+@dataclass(frozen=True)
+class DagsterSpec:
+    """How our assets appear among the user's: a key prefix, a group, owners and tags."""
+
+    key_prefix: tuple[str, ...] = ()
+    group: str | None = None
+    owners: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SyncSpec:
     name: str
     model: str
@@ -194,6 +215,14 @@ class SyncSpec:
     retry: RetrySpec = field(default_factory=RetrySpec)
     max_rejected_share: float = 0.05
     extra_models: tuple[str, ...] = ()  # other models the action reads, e.g. line items
+    automation: AutomationSpec | None = None
+    default_mappings: bool = True  # a column named like a Klaviyo field maps to it
+    namespace: str | None = None  # in derived event ids and consent source; None: the name
+
+    @property
+    def identity(self) -> str:
+        """The name derived event unique_ids and the default consent source are made of."""
+        return self.namespace or self.name
 
 
 @dataclass(frozen=True)
@@ -203,6 +232,7 @@ class Config:
     klaviyo: KlaviyoSpec
     models: Mapping[str, ModelSpec]
     syncs: Mapping[str, SyncSpec]
+    dagster: DagsterSpec = field(default_factory=DagsterSpec)
 
     def model_of(self, sync: SyncSpec) -> ModelSpec:
         return self.models[sync.model]
@@ -252,7 +282,8 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def parse_config(text: str, path: str) -> Config:
     raw = _mapping(_load_yaml(text, path), path, "(top level)")
-    _no_unknown(raw, {"warehouse", "klaviyo", "models", "syncs"}, path, "")
+    known = {"warehouse", "klaviyo", "models", "syncs", *DAGSTER_KEYS}
+    _no_unknown(raw, known, path, "")
     warehouse = _parse_warehouse(_mapping(raw.get("warehouse", {}), path, "warehouse"), path)
     klaviyo = _parse_klaviyo(_mapping(raw.get("klaviyo", {}), path, "klaviyo"), path)
     models = {
@@ -265,7 +296,39 @@ def parse_config(text: str, path: str) -> Config:
     }
     if not syncs:
         raise ConfigError(path, "syncs", "no syncs are configured")
-    return Config(path, warehouse, klaviyo, models, syncs)
+    return Config(path, warehouse, klaviyo, models, syncs, _parse_dagster(raw, path))
+
+
+def _parse_dagster(raw: Mapping[str, Any], path: str) -> DagsterSpec:
+    """The top-level keys placing our assets among a user's (`DAGSTER_KEYS`)."""
+    prefix = _string(raw, "key_prefix", path, "key_prefix", "")
+    tags = _mapping(raw.get("tags", {}), path, "tags")
+    return DagsterSpec(
+        key_prefix=tuple(part for part in prefix.split("/") if part),
+        group=_string(raw, "group", path, "group") if "group" in raw else None,
+        owners=_strings(raw.get("owners", []), path, "owners"),
+        tags={str(k): _string(tags, k, path, f"tags.{k}") for k in tags},
+    )
+
+
+def _strings(value: Any, path: str, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(path, key, f"must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _parse_automation(value: Any, path: str, key: str) -> AutomationSpec | None:
+    """`eager`, `{on_cron: "<cron>"}` or absent (no automation)."""
+    if value is None:
+        return None
+    if value == "eager":
+        return AutomationSpec("eager")
+    if isinstance(value, dict) and set(value) == {"on_cron"}:
+        cron = _string(value, "on_cron", path, f"{key}.on_cron")
+        if len(cron.split()) != 5:
+            raise ConfigError(path, f"{key}.on_cron", f"{cron!r} is not a 5-field cron string")
+        return AutomationSpec("on_cron", cron)
+    raise ConfigError(path, key, f'must be eager or {{on_cron: "<cron>"}}, got {value!r}')
 
 
 def _load_yaml(text: str, path: str) -> Any:
@@ -477,7 +540,8 @@ def _number(
 def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
     key = f"models.{name}"
     _identifier(name, path, key)
-    _no_unknown(raw, {"sql", "table", "primary_key", "partition", "audience"}, path, f"{key}.")
+    known = {"sql", "table", "primary_key", "partition", "audience", "deps"}
+    _no_unknown(raw, known, path, f"{key}.")
     if "partition" in raw and "audience" in raw:
         raise ConfigError(
             path,
@@ -511,6 +575,7 @@ def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
         sql_params_items=params,
         partition=_parse_partition(raw.get("partition"), path, f"{key}.partition"),
         audience=_parse_audience(raw.get("audience"), path, f"{key}.audience"),
+        deps=_strings(raw.get("deps", []), path, f"{key}.deps"),
     )
 
 
@@ -614,6 +679,9 @@ def _parse_sync(
         "schedule",
         "retry",
         "max_rejected_share",
+        "automation",
+        "default_mappings",
+        "namespace",
     }
     _no_unknown(raw, known, path, f"{key}.")
     model = _string(raw, "model", path, f"{key}.model")
@@ -685,7 +753,27 @@ def _parse_sync(
         retry=retry,
         max_rejected_share=share,
         extra_models=tuple(extra_models),
+        automation=_parse_automation(raw.get("automation"), path, f"{key}.automation"),
+        default_mappings=_sync_flag(raw, "default_mappings", path, key),
+        namespace=_namespace(raw, path, key),
     )
+
+
+def _namespace(raw: Mapping[str, Any], path: str, key: str) -> str | None:
+    """`namespace`: kept when a sync is renamed, so its derived identities stay the same."""
+    if "namespace" not in raw:
+        return None
+    value = _string(raw, "namespace", path, f"{key}.namespace")
+    if not value.strip():
+        raise ConfigError(path, f"{key}.namespace", "must be a non-empty text")
+    return value
+
+
+def _sync_flag(raw: Mapping[str, Any], name: str, path: str, key: str) -> bool:
+    value = raw.get(name, True)
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"{key}.{name}", f"must be true or false, got {value!r}")
+    return value
 
 
 def _parse_kinds(raw: Any, info: Any, path: str, key: str) -> tuple[ChangeKind, ...]:

@@ -42,7 +42,11 @@ from klaviyo_pipelines.warehouse.changes import (
 )
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.lock import sync_lock
-from klaviyo_pipelines.warehouse.snapshot import key_problems, model_columns
+from klaviyo_pipelines.warehouse.snapshot import (
+    key_problems,
+    model_columns,
+    rows_without_audience,
+)
 from klaviyo_pipelines.warehouse.state import (
     Delivered,
     Failure,
@@ -58,6 +62,8 @@ from klaviyo_pipelines.warehouse.state import (
 MAX_SAMPLES = 20
 KEY_PROBLEM_HASH = "primary_key"  # ledger rows about the key itself, replaced every run
 NULL_KEY = "<NULL>"
+NO_AUDIENCE_KEY = "<no audience>"  # the ledger row counting an audience model's unkeyed rows
+NO_AUDIENCE_HASH = "audience_key"  # its marker, unlike "primary_key:<audience>" of no audience
 SPLIT_STATUSES = frozenset({400, 413, 422})  # Klaviyo refused the payload, or the request
 # Rows read from the change set at once: small batches (events, consent) share a page, so
 # the warehouse is not queried once per 100-row request.
@@ -530,8 +536,9 @@ def _commit(
 def _record_key_problems(
     wh: Warehouse, sync: SyncSpec, model: ModelSpec, report: SyncReport, partition: str | None
 ) -> int:
-    """Put NULL and duplicate primary keys in the ledger (replacing last run's); return rows."""
-    problems = key_problems(wh, model.name, partition)
+    """Put NULL and duplicate primary keys, and an audience model's rows without an audience,
+    in the ledger (replacing last run's); return their rows."""
+    problems = key_problems(wh, model.name, partition, audience=model.audience is not None)
     # One marker per partition: a day's run replaces that day's key problems, not others'.
     marker = KEY_PROBLEM_HASH if partition is None else f"{KEY_PROBLEM_HASH}:{partition}"
     forget_failures(wh, sync.name, marker)
@@ -548,7 +555,23 @@ def _record_key_problems(
         )
         for key, count in problems
     ]
+    without_audience = 0
+    if model.audience is not None:
+        # Replaced by every audience's run: the count covers the whole model.
+        forget_failures(wh, sync.name, NO_AUDIENCE_HASH)
+        column = model.audience.column
+        if without_audience := rows_without_audience(wh, model.name):
+            failures.append(
+                Failure(
+                    NO_AUDIENCE_KEY,
+                    NO_AUDIENCE_HASH,
+                    FailureKind.INVALID,
+                    column,
+                    f"{without_audience} rows of model {model.name!r} have a NULL or blank "
+                    f"{column}: they are in no audience and are not sent",
+                )
+            )
     record_failures(wh, sync.name, failures)
     for failure in failures:
         report.sample(failure.key, "key", failure.field, failure.reason)
-    return sum(count for _, count in problems)
+    return sum(count for _, count in problems) + without_audience

@@ -49,7 +49,7 @@ syncs:
     model: segments
     action: remove_profile_from_list
     mapping: {{external_id: customer_id}}
-    settings: {{max_exit_share: 0.5}}
+    settings: {{max_exit_share: 0.5, min_exits_guarded: 3}}
     retry: {{max_retries: 0}}
   journeys_in:
     model: journeys

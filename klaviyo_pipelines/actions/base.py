@@ -6,7 +6,7 @@ The runner owns the loop (pages, batches, state); an action only knows its paylo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -96,6 +96,12 @@ class Action(ABC):
     @abstractmethod
     def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
         """Send one batch; Klaviyo's per-row rejections come back in the result."""
+
+    @property
+    def default_mappings(self) -> Mapping[str, str]:
+        """Field -> column for the fields mapped by default (a column named like the field),
+        so `plan` can show what the mapping did not say."""
+        return {}
 
     def preflight(self, client: KlaviyoClient) -> None:  # noqa: B027 - optional hook
         """Checks to run once before the first batch (e.g. that a configured list exists)."""

@@ -130,6 +130,10 @@ class ConsentAction(Action):
         return set(self.mapping.values())
 
     @property
+    def default_mappings(self) -> Mapping[str, str]:
+        return {k: c for k, c in self.mapping.items() if k not in self.sync.mapping}
+
+    @property
     def endpoint(self) -> EndpointClass:
         return self.job_endpoint
 
@@ -178,6 +182,7 @@ class ConsentAction(Action):
     def preflight(self, client: KlaviyoClient) -> None:
         if self.list_id:
             require_list(client, self.list_id, self.setting_path("list_id"))
+            self._lists[self.list_id] = True  # checked: the batches need not fetch it again
 
     def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
         if not self.batch_mode:

@@ -9,7 +9,8 @@ a duplicate.
 
 The exit guard stops a run that would take an audience's members out of its list wholesale
 (the model returned nothing, or lost most of its rows): more likely a broken model than a real
-exodus.
+exodus. A share alone would stop 2 of 3 members leaving a small audience, so a partial exit is
+guarded only when more than `min_exits_guarded` members would leave; an emptying always is.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from klaviyo_pipelines.warehouse.audiences import (
 from klaviyo_pipelines.warehouse.engine import Warehouse
 
 DEFAULT_MAX_EXIT_SHARE = 0.5
+DEFAULT_MIN_EXITS_GUARDED = 10
 
 
 class ListMissing(PermanentError):
@@ -75,6 +77,18 @@ def max_exit_share(sync: SyncSpec, config_path: str) -> float:
     return float(value)
 
 
+def min_exits_guarded(sync: SyncSpec, config_path: str) -> int:
+    """`settings.min_exits_guarded`: exits a run may make whatever their share."""
+    value = sync.settings.get("min_exits_guarded", DEFAULT_MIN_EXITS_GUARDED)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.min_exits_guarded",
+            f"must be a whole number of members, 0 or more, got {value!r}",
+        )
+    return value
+
+
 def name_filter(name: str) -> str:
     """`equals(name,["..."])`: Klaviyo accepts the name filter in list form only."""
     return 'equals(name,["' + name.replace("\\", "\\\\").replace('"', '\\"') + '"])'
@@ -95,9 +109,13 @@ def audience_list(
     configured: Mapping[str, str],
     *,
     create: bool,
+    setting: str | None = None,
 ) -> RememberedList | None:
     """The audience's list (see the module docstring); None when there is none and `create`
-    is false. A configured or remembered list that no longer exists raises ListMissing."""
+    is false. A configured or remembered list that no longer exists raises ListMissing.
+    Upsert Profile's `list_name` uses it too, the name as the audience; `setting` is then the
+    config key a ListMissing tells the user to set."""
+    setting = setting or f"syncs.{sync.name}.settings.lists.{audience}"
     if audience in configured:
         found = RememberedList(configured[audience], None)
         where = f"configured for audience {audience!r} in syncs.{sync.name}.settings.lists"
@@ -129,10 +147,9 @@ def audience_list(
             status=404,
             hint=(
                 f"List {found.list_id} ({where}) no longer exists in Klaviyo. Its members were "
-                "synced to it, so a new list would miss them: set "
-                f"syncs.{sync.name}.settings.lists.{audience} to the list to use, or delete the "
-                "audience's row from audience_lists and its rows from the syncs' state to "
-                "start it afresh"
+                f"synced to it, so a new list would miss them: set {setting} to the list to "
+                "use, or delete the audience's row from audience_lists and its rows from the "
+                "syncs' state to start it afresh"
             ),
         ) from None
     current = RememberedList(found.list_id, (resource.get("attributes") or {}).get("name"))
@@ -147,23 +164,33 @@ def check_exits(
     change: MembershipChange,
     share_allowed: float,
     path: str,
+    min_guarded: int = DEFAULT_MIN_EXITS_GUARDED,
 ) -> None:
-    """Raise ExitGuardTripped when the audience would lose more than `share_allowed` of its
-    members (emptying it counts as losing all of them)."""
+    """Raise ExitGuardTripped when more than `min_guarded` members would leave and that is
+    more than `share_allowed` of them, or when the audience would be emptied."""
     before = change.before
-    if not change.exited or before <= 0 or change.exited / before <= share_allowed:
+    if not change.exited or before <= 0:
         return
-    what = (
-        f"its model returns 0 members where the last sync had {before}"
-        if change.members == 0
-        else f"{change.exited} of its {before} members would leave "
-        f"({change.exited / before:.0%}, more than max_exit_share {share_allowed:.0%})"
-    )
+    settings = f"syncs.{sync.name}.settings"
+    if change.members == 0:
+        what = f"its model returns 0 members where the last sync had {before}"
+        change_it = f"raise {settings}.max_exit_share to 1 (which turns the guard off)"
+    elif change.exited <= min_guarded or change.exited / before <= share_allowed:
+        return
+    else:
+        what = (
+            f"{change.exited} of its {before} members would leave ({change.exited / before:.0%}, "
+            f"more than max_exit_share {share_allowed:.0%} and more than min_exits_guarded "
+            f"{min_guarded})"
+        )
+        change_it = (
+            f"raise {settings}.max_exit_share (1 turns the guard off) or "
+            f"{settings}.min_exits_guarded (exits up to that count are never stopped)"
+        )
     raise ExitGuardTripped(
         f"Exit guard: nobody was removed from the list of audience {audience!r}: {what}. If the "
-        "model is "
-        "right, run again with the run config `override_exit_guard: true` (Dagster launchpad, "
-        f"ops.klaviyo__{sync.name}.config) or raise syncs.{sync.name}.settings.max_exit_share "
-        "(1 turns the guard off); otherwise fix the model and nothing will be removed.",
+        "model is right, run again with the run config `override_exit_guard: true` (Dagster "
+        f"launchpad, ops.klaviyo__{sync.name}.config) or {change_it}; otherwise fix the model "
+        "and nothing will be removed.",
         path,
     )

@@ -6,8 +6,9 @@ One module decides what an event is on the wire, so both actions agree on:
   `country_code` only helps read phone numbers and is never sent (Segment leaked it).
 - time: ISO-8601 in UTC, truncated to the second as Klaviyo stores it, and checked against
   Klaviyo's window (1990 or later, at most a year ahead) so a bad row is rejected on its own.
-- unique_id: the mapped column, or one derived from the sync name and the row key. A retried
-  or re-run batch is then deduplicated by Klaviyo instead of duplicated.
+- unique_id: the mapped column, or one derived from the sync's namespace (its `namespace`,
+  by default its name) and the row key. A retried or re-run batch is then deduplicated by
+  Klaviyo instead of duplicated, and a renamed sync that keeps its namespace keeps its ids.
 - batching: each row is one `event-bulk-create` entry (one profile, one or more events). Entries
   are packed by event count and bytes, and two events that share a metric and unique_id never go
   in the same request, because Klaviyo would refuse the whole request.
@@ -39,6 +40,8 @@ from klaviyo_pipelines.actions.base import (
 from klaviyo_pipelines.actions.profile import (
     MAX_EXTERNAL_ID,
     InvalidRow,
+    default_column,
+    explicit_columns,
     normalise_email,
     normalise_phone,
 )
@@ -84,6 +87,8 @@ class SyncKeys:
         setting_keys: Iterable[str],
     ) -> None:
         self.sync, self.columns, self.config_path = sync, list(columns), config_path
+        self.explicit = explicit_columns(sync, columns)
+        self.defaults: dict[str, str] = {}  # field -> column mapped by default, for `plan`
         for section, allowed in (("mapping", mapping_keys), ("settings", setting_keys)):
             allowed = sorted(allowed)
             for key in getattr(sync, section):
@@ -111,11 +116,16 @@ class SyncKeys:
 
     def mapped(self, key: str, by_name: bool = False, hint: str = "") -> str | None:
         """The column mapped to `key`; with `by_name`, a column called `key` maps by default
-        (an explicit `key: null` turns that off)."""
+        (by the rule of `profile.default_column`: `key: null` turns that off)."""
         if key in self.sync.mapping:
             name = self.sync.mapping[key]
             return None if name is None else self.column(f"mapping.{key}", name, hint)
-        return resolve_column(self.columns, key) if by_name else None
+        if not by_name:
+            return None
+        found = default_column(self.sync, self.columns, key, False, self.explicit)
+        if found:
+            self.defaults[key] = found
+        return found
 
     def mapped_section(self, key: str) -> dict[str, str]:
         raw = self.sync.mapping.get(key) or {}
@@ -143,7 +153,7 @@ class SyncKeys:
 class EventMapping:
     """What every event of a sync is built from: columns, literals and transport settings."""
 
-    sync: str
+    sync: str  # the namespace of derived unique_ids: `namespace`, else the sync's name
     identifiers: Mapping[str, str]  # profile identifier -> column
     country_code_column: str | None
     default_country_code: str | None
@@ -156,6 +166,7 @@ class EventMapping:
     backfill: bool
     batch_mode: bool
     batch_size: int
+    defaults: Mapping[str, str]  # field -> column, for the fields mapped by default (`plan`)
 
     @property
     def columns(self) -> set[str]:
@@ -200,10 +211,11 @@ def resolve_event_mapping(keys: SyncKeys) -> EventMapping:
         currency = currency.upper()
     batch_mode = keys.flag("batch", True)
     size = batch_size_setting(keys.sync, EVENT_BULK_CREATE.max_items or 1000, keys.config_path)
+    country_column = keys.mapped("country_code", by_name=True)
     return EventMapping(
-        sync=keys.sync.name,
+        sync=keys.sync.identity,
         identifiers=identifiers,
-        country_code_column=keys.mapped("country_code", by_name=True),
+        country_code_column=country_column,
         default_country_code=country.upper() if country else None,
         properties=keys.mapped_section("properties"),
         time=keys.mapped("time"),
@@ -214,6 +226,7 @@ def resolve_event_mapping(keys: SyncKeys) -> EventMapping:
         backfill=keys.flag("backfill", False),
         batch_mode=batch_mode,
         batch_size=size,
+        defaults=dict(keys.defaults),
     )
 
 
@@ -311,7 +324,7 @@ def value_currency(mapping: EventMapping, values: Mapping[str, Any]) -> str | No
 
 
 def derived_unique_id(sync: str, key: str) -> str:
-    """Stable across runs and retries for one sync and row key, distinct between them."""
+    """Stable across runs and retries for one namespace and row key, distinct between them."""
     return hashlib.sha256(f"{sync}\x1f{key}".encode()).hexdigest()[:40]
 
 
@@ -511,6 +524,10 @@ class EventAction(Action):
         super().__init__(sync)
         self.mapping = mapping
         self._guard = DuplicateGuard()
+
+    @property
+    def default_mappings(self) -> Mapping[str, str]:
+        return self.mapping.defaults
 
     @abstractmethod
     def entry(self, row: ChangeRow) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import phonenumbers
 from klaviyo_pipelines.actions.profile import (
     MAX_EXTERNAL_ID,
     InvalidRow,
+    default_column,
+    explicit_columns,
     normalise_email,
     normalise_phone,
 )
@@ -53,8 +55,8 @@ def mapped_columns(
     keys: Sequence[str],
     by_name: Sequence[str] = (*LOOKUP_FIELDS, "country_code"),
 ) -> dict[str, str]:
-    """Mapping key -> model column for `keys`; keys in `by_name` that the mapping leaves out
-    default to a same-named column (as profile fields do in Upsert Profile).
+    """Mapping key -> model column for `keys`; keys in `by_name` default to a same-named
+    column by the rule every action follows (`profile.default_column`).
 
     Unknown mapping keys and columns the model lacks are ConfigErrors naming the key.
     """
@@ -67,10 +69,12 @@ def mapped_columns(
                 f"not a field of {sync.action} (fields: {', '.join(keys)})",
             )
     found: dict[str, str] = {}
+    explicit = explicit_columns(sync, columns)
     for key in keys:
         name = sync.mapping.get(key)
         if name is None:
-            if key in by_name and (column := resolve_column(list(columns), key)):
+            written = key in sync.mapping
+            if key in by_name and (column := default_column(sync, columns, key, written, explicit)):
                 found[key] = column
             continue
         if not isinstance(name, str):

@@ -68,6 +68,7 @@ class ProfileMapping:
     country_code_column: str | None
     default_country_code: str | None
     clear_nulls: bool
+    defaults: Mapping[str, str]  # field -> column, for the fields mapped by default (`plan`)
 
     @property
     def columns(self) -> set[str]:
@@ -77,13 +78,42 @@ class ProfileMapping:
         return used
 
 
+def explicit_columns(sync: SyncSpec, columns: Sequence[str]) -> set[str]:
+    """Every model column the sync's mapping names, at any depth: such a column is never also
+    default-mapped to the field it is named like (a `country` mapped as country_code must not
+    become location.country too)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str) and (column := resolve_column(list(columns), value)):
+            found.add(column)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                walk(item)
+
+    walk(sync.mapping)
+    return found
+
+
+def default_column(
+    sync: SyncSpec, columns: Sequence[str], field: str, written: bool, explicit: set[str]
+) -> str | None:
+    """The column `field` maps to by default, by the one rule every action follows: a column
+    named like the field, unless the sync has `default_mappings: false`, the mapping names the
+    field (`written`; `field: null` turns its default off) or maps that column explicitly."""
+    if not sync.default_mappings or written:
+        return None
+    found = resolve_column(list(columns), field)
+    return None if found is None or found in explicit else found
+
+
 def resolve_profile_mapping(
     sync: SyncSpec, columns: Sequence[str], config_path: str, extra_keys: Sequence[str] = ()
 ) -> ProfileMapping:
     """Check the sync's mapping against the model's columns and fill in default mappings.
 
-    A column named like a profile field (email, first_name, city, ...) maps to it unless the
-    mapping says otherwise. `extra_keys` are action-specific mapping keys the caller handles.
+    A column named like a profile field (email, first_name, city, ...) maps to it by the rule
+    of `default_column`. `extra_keys` are action-specific mapping keys the caller handles.
     """
     mapping = dict(sync.mapping)
     prefix = f"syncs.{sync.name}.mapping"
@@ -109,6 +139,7 @@ def resolve_profile_mapping(
         return found
 
     def section(name: str, allowed: Sequence[str] | None) -> dict[str, str]:
+        """Its `key: column` entries; a `key: null` (location only) just turns a default off."""
         raw = mapping.get(name) or {}
         if not isinstance(raw, dict):
             raise ConfigError(config_path, f"{prefix}.{name}", "must be a mapping of key: column")
@@ -120,7 +151,8 @@ def resolve_profile_mapping(
                     f"{prefix}.{name}.{key}",
                     f"unknown location field (fields: {', '.join(allowed)})",
                 )
-            result[str(key)] = column(f"{prefix}.{name}.{key}", col)
+            if col is not None or allowed is None:
+                result[str(key)] = column(f"{prefix}.{name}.{key}", col)
         return result
 
     fields = {
@@ -129,17 +161,22 @@ def resolve_profile_mapping(
         if mapping.get(key) is not None
     }
     location = section("location", LOCATION_FIELDS)
+    explicit = explicit_columns(sync, columns)
+    written_location = mapping.get("location") or {}
+    defaults: dict[str, str] = {}
     for key in (*IDENTIFIERS, *TEXT_FIELDS):
-        if key not in mapping and (found := resolve_column(columns, key)):
-            fields[key] = found
+        if found := default_column(sync, columns, key, key in mapping, explicit):
+            fields[key] = defaults[key] = found
     for key in LOCATION_FIELDS:
-        if key not in location and (found := resolve_column(columns, key)):
-            location[key] = found
+        if found := default_column(sync, columns, key, key in written_location, explicit):
+            location[key] = defaults[f"location.{key}"] = found
     country_column = (
         column(f"{prefix}.country_code", mapping["country_code"])
-        if mapping.get("country_code")
-        else resolve_column(columns, "country_code")
+        if mapping.get("country_code") is not None
+        else default_column(sync, columns, "country_code", "country_code" in mapping, explicit)
     )
+    if country_column and "country_code" not in mapping:
+        defaults["country_code"] = country_column
     default_country = sync.settings.get("country_code")
     if default_country is not None and (
         not isinstance(default_country, str)
@@ -170,6 +207,7 @@ def resolve_profile_mapping(
         country_code_column=country_column,
         default_country_code=default_country.upper() if default_country else None,
         clear_nulls=nulls == "clear",
+        defaults=defaults,
     )
 
 

@@ -9,7 +9,7 @@ identifiers match no Klaviyo profile is delivered with nothing to do and counted
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from klaviyo_pipelines.actions.base import (
     Action,
@@ -76,6 +76,10 @@ class RemoveProfile(Action):
     @property
     def columns(self) -> set[str]:
         return set(self.mapping.values())
+
+    @property
+    def default_mappings(self) -> Mapping[str, str]:
+        return {k: c for k, c in self.mapping.items() if k not in self.sync.mapping}
 
     @property
     def endpoint(self):  # type: ignore[override]

@@ -6,7 +6,8 @@ Klaviyo does not know are delivered and counted as `not_found`, not failed; so i
 of an audience that has no list yet (nobody can be in it). A list is never created here.
 
 Before anything is sent, the exit guard refuses a run that would take more than
-`max_exit_share` of an audience's members out of its list (see engage.py).
+`max_exit_share` of an audience's members out of its list, when more than `min_exits_guarded`
+leave (see engage.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from klaviyo_pipelines.actions.engage import (
     check_exits,
     configured_lists,
     max_exit_share,
+    min_exits_guarded,
 )
 from klaviyo_pipelines.actions.registry import ACTIONS
 from klaviyo_pipelines.actions.remove_profile import RemoveProfile
@@ -31,19 +33,24 @@ from klaviyo_pipelines.warehouse.audiences import RememberedList, membership_cha
 from klaviyo_pipelines.warehouse.changes import ChangeSet, changes_table
 from klaviyo_pipelines.warehouse.engine import Warehouse
 
-SETTINGS = {"lists", "max_exit_share", "batch", "batch_size", "country_code"}
+SETTINGS = {"lists", "max_exit_share", "min_exits_guarded", "batch", "batch_size", "country_code"}
 PASSED_ON = {"batch", "batch_size", "country_code"}  # settings Remove Profile reads
 PENDING_LIST = "<the audience's list>"  # what `plan` shows before the list is known
 
 
 class RemoveProfileFromList(RemoveProfile):
     info = ACTIONS["remove_profile_from_list"]
-    transport_settings = RemoveProfile.transport_settings | {"lists", "max_exit_share"}
+    transport_settings = RemoveProfile.transport_settings | {
+        "lists",
+        "max_exit_share",
+        "min_exits_guarded",
+    }
 
     def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
         check_settings(sync, SETTINGS, config_path)
         self.lists = configured_lists(sync, config_path)
         self.max_exit_share = max_exit_share(sync, config_path)
+        self.min_exits_guarded = min_exits_guarded(sync, config_path)
         inherited = {k: v for k, v in sync.settings.items() if k in PASSED_ON}
         inherited["list_id"] = PENDING_LIST  # the list is chosen per audience
         super().__init__(replace(sync, settings=inherited), columns, config_path)
@@ -66,7 +73,14 @@ class RemoveProfileFromList(RemoveProfile):
             return
         table = wh.table(changes_table(self.sync.name, partition))
         for audience, change in membership_changes(wh, self.sync.model, table, partition).items():
-            check_exits(self.sync, audience, change, self.max_exit_share, self.path)
+            check_exits(
+                self.sync,
+                audience,
+                change,
+                self.max_exit_share,
+                self.path,
+                self.min_exits_guarded,
+            )
 
     def preflight(self, client: KlaviyoClient) -> None:
         """Nothing to check: each audience's list is looked up when its exits are sent."""

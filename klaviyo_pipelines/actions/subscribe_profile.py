@@ -6,9 +6,9 @@
 `sms_transactional: true`. A row with a bad email or phone is rejected whole, even if its other
 identifier is good: the row is sent as mapped or not at all, and the ledger says why.
 
-`custom_source` defaults to `klaviyo_pipelines:<sync name>` (Segment sends its own source id
-"-59", which means nothing outside Segment), so Klaviyo's consent history shows which sync
-subscribed a profile. `consented_at` is sent only with `historical_import: true`, which
+`custom_source` defaults to `klaviyo_pipelines:<namespace>`, the sync's `namespace` or else its
+name (Segment sends its own source id "-59", which means nothing outside Segment), so Klaviyo's
+consent history shows which sync subscribed a profile. `consented_at` is sent only with `historical_import: true`, which
 Klaviyo requires for it, and then must be set and in the past.
 """
 
@@ -40,7 +40,9 @@ class SubscribeProfile(ConsentAction):
 
     def __init__(self, sync: SyncSpec, columns: Sequence[str], config_path: str) -> None:
         super().__init__(sync, columns, config_path)
-        self.custom_source = self.text_setting("custom_source", f"klaviyo_pipelines:{sync.name}")
+        self.custom_source = self.text_setting(
+            "custom_source", f"klaviyo_pipelines:{sync.identity}"
+        )
         self.historical_import = self.bool_setting("historical_import", False)
         self.sms_transactional = self.bool_setting("sms_transactional", False)
         historical_possible = self.historical_import or "historical_import" in self.mapping

@@ -9,7 +9,7 @@ per 1,000 ids (Segment adds them one request per profile).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from klaviyo_pipelines.actions.base import (
@@ -24,6 +24,7 @@ from klaviyo_pipelines.actions.base import (
     pointer_index,
     seconds_setting,
 )
+from klaviyo_pipelines.actions.engage import audience_list
 from klaviyo_pipelines.actions.lists import require_list
 from klaviyo_pipelines.actions.profile import (
     IDENTIFIERS,
@@ -34,7 +35,7 @@ from klaviyo_pipelines.actions.profile import (
 )
 from klaviyo_pipelines.actions.registry import ACTIONS
 from klaviyo_pipelines.actions.values import dumps
-from klaviyo_pipelines.config import SyncSpec
+from klaviyo_pipelines.config import ConfigError, SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import LIST_MEMBERSHIP, PROFILE_BULK_IMPORT, PROFILES
 from klaviyo_pipelines.klaviyo.errors import (
@@ -44,10 +45,19 @@ from klaviyo_pipelines.klaviyo.errors import (
     PermanentError,
     TransientError,
 )
-from klaviyo_pipelines.warehouse.changes import ChangeRow
+from klaviyo_pipelines.warehouse.changes import ChangeRow, ChangeSet
+from klaviyo_pipelines.warehouse.engine import Warehouse
 
 PROFILES_POINTER = "/data/attributes/profiles/data"
-SETTINGS = {"list_id", "batch", "batch_size", "nulls", "country_code", "job_timeout_seconds"}
+SETTINGS = {
+    "list_id",
+    "list_name",
+    "batch",
+    "batch_size",
+    "nulls",
+    "country_code",
+    "job_timeout_seconds",
+}
 
 
 class JobTimeout(TransientError):
@@ -63,6 +73,15 @@ class UpsertProfile(Action):
         check_settings(sync, SETTINGS, config_path)
         self.mapping: ProfileMapping = resolve_profile_mapping(sync, columns, config_path)
         self.list_id: str | None = settings.get("list_id") or None
+        self.list_name = _list_name(sync, config_path)
+        if self.list_name is not None:
+            if self.list_id:
+                raise ConfigError(
+                    config_path,
+                    f"syncs.{sync.name}.settings.list_name",
+                    "give the list by list_id or by list_name, not both",
+                )
+            self.list_id = f"<the list named {self.list_name!r}>"  # what `plan` shows
         self.batch_mode = flag_setting(sync, "batch", True, config_path)
         self._batch_size = batch_size_setting(
             sync, PROFILE_BULK_IMPORT.max_items or 10_000, config_path
@@ -73,6 +92,10 @@ class UpsertProfile(Action):
     @property
     def columns(self) -> set[str]:
         return self.mapping.columns
+
+    @property
+    def default_mappings(self) -> Mapping[str, str]:
+        return self.mapping.defaults
 
     @property
     def endpoint(self):  # type: ignore[override]
@@ -123,8 +146,27 @@ class UpsertProfile(Action):
     def item_index(self, pointer: str | None) -> int | None:
         return pointer_index(pointer, PROFILES_POINTER) if self.batch_mode else None
 
+    def before_send(
+        self,
+        wh: Warehouse,
+        client: KlaviyoClient,
+        changes: ChangeSet,
+        partition: str | None,
+        *,
+        override_exit_guard: bool = False,
+    ) -> None:
+        """With `list_name`, find the list (or create it once) as Engage finds an audience's:
+        remembered in `audience_lists`, so renaming it in Klaviyo never makes a second one."""
+        if self.list_name is not None:
+            setting = f"syncs.{self.sync.name}.settings.list_id (in place of list_name)"
+            found = audience_list(
+                wh, client, self.sync, self.list_name, {}, create=True, setting=setting
+            )
+            assert found is not None  # create=True
+            self.list_id = found.list_id
+
     def preflight(self, client: KlaviyoClient) -> None:
-        if self.list_id:
+        if self.list_id and self.list_name is None:  # a list found by name was just checked
             require_list(client, self.list_id, f"syncs.{self.sync.name}.settings.list_id")
 
     def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
@@ -274,3 +316,17 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 
 
 ACTION = UpsertProfile
+
+
+def _list_name(sync: SyncSpec, config_path: str) -> str | None:
+    """`settings.list_name`: the exact name of the list profiles join (created if missing)."""
+    value = sync.settings.get("list_name")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            config_path,
+            f"syncs.{sync.name}.settings.list_name",
+            f"must be the name of a Klaviyo list, got {value!r}",
+        )
+    return value

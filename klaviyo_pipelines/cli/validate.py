@@ -43,6 +43,8 @@ def validate(args: argparse.Namespace) -> int:
     problems = config_problems(config, key=not args.offline, warehouse=not offline)
     warning = level_warning(config.warehouse.url)
     warnings = [f"warehouse.url: {warning}"] if warning else []
+    if not offline and not problems:
+        warnings += rename_warnings(config)
     return _report(args, config.path, list(config.syncs), problems, offline, warnings)
 
 
@@ -68,6 +70,48 @@ def config_problems(
     finally:
         wh.dispose()
     return problems
+
+
+def rename_warnings(config: Config) -> list[str]:
+    """A sync that delivered rows and left the file while a sync without delivery state reads
+    the same model with the same action: most likely a rename, which re-sends every row and,
+    unless `namespace` keeps the old name, changes derived event ids and the consent source."""
+    import sqlalchemy as sa
+
+    from klaviyo_pipelines.warehouse.state import RUNS, delivered_count, run_report, state_table
+
+    wh = open_warehouse(config)
+    try:
+        with wh.engine.connect() as conn:
+            if not wh.table_exists(conn, RUNS):
+                return []
+            ran = [
+                r[0] for r in conn.execute(sa.text(f"SELECT DISTINCT sync FROM {wh.table(RUNS)}"))
+            ]
+            fresh = [  # syncs without delivery state that chose no namespace yet
+                s
+                for s in config.syncs.values()
+                if s.namespace is None and not wh.table_exists(conn, state_table(s.name))
+            ]
+        warnings = []
+        for old in sorted(name for name in ran if name not in config.syncs):
+            report = run_report(wh, old) or {}
+            delivered = delivered_count(wh, old)
+            for new in fresh:
+                if delivered and (report.get("model"), report.get("action")) == (
+                    new.model,
+                    new.action,
+                ):
+                    warnings.append(
+                        f"syncs.{new.name}: sync {old!r}, which delivered {delivered} rows of model "
+                        f"{new.model!r} with {new.action}, is gone from the file. If {new.name!r} "
+                        f"is it renamed, it will send every row again under its new name: set "
+                        f"syncs.{new.name}.namespace to {old!r} (or to the namespace {old!r} had) "
+                        "so its derived event unique_ids and consent source stay the same"
+                    )
+    finally:
+        wh.dispose()
+    return warnings
 
 
 def _local(url: str) -> bool:

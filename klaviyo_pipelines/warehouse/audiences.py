@@ -109,12 +109,16 @@ def audience_select(
             f"WHERE r.{RANK} = 1 AND r.{event} = :kp_entered"
         )
         params |= {"kp_entered": spec.entered, "kp_exited": spec.exited}
+    # A blank audience key is no audience, as NULL is: Dagster reads partition "" as none.
+    named = (
+        f"CASE WHEN trim({wh.sql.cast_text('m.' + audience)}) = '' THEN NULL ELSE m.{audience} END"
+    )
     key = wh.sql.concat(
-        "'[\"'", _json_text(wh, "m." + audience), "'\",\"'", _json_text(wh, "m." + member), "'\"]'"
+        "'[\"'", _json_text(wh, named), "'\",\"'", _json_text(wh, "m." + member), "'\"]'"
     )
     select = (
         f"SELECT m.*, {wh.sql.cast_key(key)} AS {KEY}, "
-        f"{wh.sql.cast_key(f'm.{audience}')} AS {PARTITION} FROM ({members}) AS m"
+        f"{wh.sql.cast_key(named)} AS {PARTITION} FROM ({members}) AS m"
     )
     return select, params
 

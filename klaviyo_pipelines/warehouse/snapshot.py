@@ -104,7 +104,9 @@ def take_snapshot(
                 _replace_partition(
                     wh, conn, model, columns, (select, bound), partition, config_path
                 )
-        _record_bad_keys(wh, conn, model.name, partition)
+        _record_bad_keys(wh, conn, model.name, partition, model.audience is not None)
+        if model.audience is not None:
+            _record_rows_without_audience(wh, conn, model.name, partition, (select, bound))
         scope, params = _scope(partition)
         rows = conn.execute(sa.text(f"SELECT count(*) FROM {table} {scope}"), params).scalar()
         bad = conn.execute(
@@ -194,19 +196,63 @@ def _replace_partition(
     )
 
 
-def _record_bad_keys(wh: Warehouse, conn: Connection, model: str, partition: str | None) -> None:
+def _record_bad_keys(
+    wh: Warehouse, conn: Connection, model: str, partition: str | None, audience: bool = False
+) -> None:
     """Find NULL and duplicated keys once per snapshot, into a small table that the snapshot
-    check, the ledger and every sync's change set then read instead of re-counting."""
+    check, the ledger and every sync's change set then read instead of re-counting. (An
+    audience model's rows without an audience are counted apart: `_record_rows_without_audience`.)
+    """
     table, bad = wh.table(snapshot_table(model)), wh.table(bad_keys_table(model))
     scope, params = _scope(partition)
     conn.execute(sa.text(f"DELETE FROM {bad} {scope or 'WHERE 1 = 1'}"), params)
+    rows = scope or (f"WHERE {PARTITION} IS NOT NULL" if audience else "")
     conn.execute(
         sa.text(
-            f"INSERT INTO {bad} SELECT {KEY}, count(*), max({PARTITION}) FROM {table} {scope} "
+            f"INSERT INTO {bad} SELECT {KEY}, count(*), max({PARTITION}) FROM {table} {rows} "
             f"GROUP BY {KEY} HAVING {KEY} IS NULL OR count(*) > 1"
         ),
         params,
     )
+
+
+def _record_rows_without_audience(
+    wh: Warehouse,
+    conn: Connection,
+    model: str,
+    partition: str | None,
+    query: tuple[str, dict[str, Any]],
+) -> None:
+    """Count the audience model's rows whose audience key is NULL or blank, as one bad-keys
+    row (key and partition NULL) that every sync of the model ledgers. One audience's
+    snapshot never holds them, so the model's query is counted again (a second read of it)."""
+    bad = wh.table(bad_keys_table(model))
+    conn.execute(sa.text(f"DELETE FROM {bad} WHERE {KEY} IS NULL AND {PARTITION} IS NULL"))
+    source, params = (
+        (wh.table(snapshot_table(model)), {}) if partition is None else (f"({query[0]})", query[1])
+    )
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {bad} SELECT {wh.sql.cast_key('NULL')}, count(*), "
+            f"{wh.sql.cast_key('NULL')} FROM {source} AS s WHERE s.{PARTITION} IS NULL "
+            "HAVING count(*) > 0"
+        ),
+        params,
+    )
+
+
+def rows_without_audience(wh: Warehouse, model: str) -> int:
+    """Rows of the audience model that name no audience, at its last snapshot."""
+    with wh.engine.connect() as conn:
+        if not wh.table_exists(conn, bad_keys_table(model)):
+            return 0
+        found = conn.execute(
+            sa.text(
+                f"SELECT sum(n) FROM {wh.table(bad_keys_table(model))} "
+                f"WHERE {KEY} IS NULL AND {PARTITION} IS NULL"
+            )
+        ).scalar()
+    return int(found or 0)
 
 
 def _index(wh: Warehouse, conn: Connection, table: str, partitioned: bool) -> None:
@@ -236,10 +282,17 @@ def _scope(partition: str | None) -> tuple[str, dict[str, Any]]:
 
 
 def key_problems(
-    wh: Warehouse, model: str, partition: str | None = None, limit: int = 1000
+    wh: Warehouse,
+    model: str,
+    partition: str | None = None,
+    limit: int = 1000,
+    audience: bool = False,
 ) -> list[tuple[str | None, int]]:
-    """Keys that cannot identify a row: (None, n) for NULL keys, (key, n) for duplicates."""
+    """Keys that cannot identify a row: (None, n) for NULL keys, (key, n) for duplicates. For
+    an audience model, rows without an audience are left to `rows_without_audience`."""
     scope, params = _scope(partition)
+    if audience and not scope:
+        scope = f"WHERE {PARTITION} IS NOT NULL"
     with wh.engine.connect() as conn:
         rows = conn.execute(
             sa.text(
