@@ -62,7 +62,7 @@ def test_a_password_from_the_environment_is_nowhere_dagster_stores_or_shows(
     defs = build_definitions(config)
     # what the code server hands the UI: GraphQL's `configuredValues` are read from this
     served = RepositorySnap.from_def(defs.get_repository_def())
-    (warehouse,) = [r for r in served.resources if r.name == "warehouse"]
+    (warehouse,) = [r for r in served.resources if r.name == "klaviyo_warehouse"]
     assert warehouse.configured_values["url"].name == "WAREHOUSE_URL"
     stored.append(dg.serialize_value(served))
     resolved = WarehouseResource(url=secret_url)  # as a step holds it, the EnvVar resolved
@@ -127,5 +127,5 @@ def test_a_password_written_into_the_file_is_refused(url, monkeypatch):
 def test_a_url_without_a_password_may_be_written_out(url):
     config = parse_config(CONFIG.format(url=url), "c.yaml")
     assert config.warehouse.url == url and config.warehouse.url_env is None
-    resource = build_resources(config)["warehouse"]
+    resource = build_resources(config)["klaviyo_warehouse"]
     assert resource.url == url and not isinstance(resource.url, dg.EnvVar)

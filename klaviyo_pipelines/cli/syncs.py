@@ -26,7 +26,7 @@ from klaviyo_pipelines.cli.output import (
     wants_json,
 )
 from klaviyo_pipelines.cli.progress_bars import progress_observer
-from klaviyo_pipelines.config import CONFIG_ENV_VAR, Config, ConfigError, load_config
+from klaviyo_pipelines.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # the heavy imports wait until a command needs them, so --help is instant
     from klaviyo_pipelines.warehouse.engine import Warehouse
@@ -288,8 +288,7 @@ def run_syncs(
     go to `materialize_syncs` (partitions, audiences, retry_rejected, override_exit_guard)."""
     import dagster as dg
 
-    with _default_config(config):
-        from klaviyo_pipelines.dagster_defs.execution import materialize_syncs
+    from klaviyo_pipelines.dagster_defs.execution import materialize_syncs
 
     home = os.environ.get("DAGSTER_HOME")
     if home:  # a persistent instance, so `dagster dev` shows these runs
@@ -301,25 +300,6 @@ def run_syncs(
         return materialize_syncs(
             config, names, instance=instance, observer=observer, log_level=log_level, **options
         )
-
-
-@contextmanager
-def _default_config(config: Config) -> Iterator[None]:
-    """While inside, the default config is `config`'s file: importing the Dagster layer loads
-    the default config (`definitions.defs`), which must be the one `--config` named, not
-    another file that may be broken."""
-    if not os.path.isfile(config.path):  # the bundled demo config
-        yield
-        return
-    previous = os.environ.get(CONFIG_ENV_VAR)
-    os.environ[CONFIG_ENV_VAR] = config.path
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[CONFIG_ENV_VAR]
-        else:
-            os.environ[CONFIG_ENV_VAR] = previous
 
 
 SUMMARY_COLUMNS = (

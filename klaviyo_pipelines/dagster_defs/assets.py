@@ -1,10 +1,13 @@
 """Assets built from the config: `warehouse/<model>` snapshots and `klaviyo/<sync>` deliveries.
 
 Each sync asset depends on its model's snapshot, records its report as metadata, and carries
-an asset check on its rejected-row share; each snapshot checks its primary key.
+an asset check on its rejected-row share; each snapshot checks its primary key. Keys, deps,
+groups and automation come from the translator's spec; resources are read by their keys
+(`ResourceKeys`), which a user's project may choose.
 """
 
 import dagster as dg
+import sqlalchemy as sa
 
 from klaviyo_pipelines.actions.base import BatchResult
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
@@ -13,23 +16,27 @@ from klaviyo_pipelines.dagster_defs.metadata import (
     snapshot_metadata,
     sync_metadata,
 )
-from klaviyo_pipelines.dagster_defs.resources import KlaviyoApiResource, WarehouseResource
+from klaviyo_pipelines.dagster_defs.resources import (
+    KlaviyoApiResource,
+    ResourceKeys,
+    WarehouseResource,
+)
+from klaviyo_pipelines.dagster_defs.translator import snapshot_key as snapshot_key  # re-export
+from klaviyo_pipelines.dagster_defs.translator import sync_key as sync_key  # re-export
 from klaviyo_pipelines.progress import SyncObserver
 from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.warehouse.audiences import audience_summary
-from klaviyo_pipelines.warehouse.snapshot import take_snapshot
+from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines.warehouse.errors import WarehouseError
+from klaviyo_pipelines.warehouse.snapshot import snapshot_table, take_snapshot
 
 KLAVIYO_POOL = "klaviyo"
 PRIMARY_KEY_CHECK = "primary_key_unique_and_not_null"
 REJECTED_SHARE_CHECK = "rejected_share_under_threshold"
-
-
-def snapshot_key(model: str) -> dg.AssetKey:
-    return dg.AssetKey(["warehouse", model])
-
-
-def sync_key(sync: str) -> dg.AssetKey:
-    return dg.AssetKey(["klaviyo", sync])
+COLUMN_TYPES = sa.text(
+    "SELECT column_name, data_type FROM information_schema.columns"
+    " WHERE table_schema = :schema AND table_name = :table ORDER BY ordinal_position"
+)
 
 
 def partitions_of(
@@ -58,33 +65,47 @@ class SyncRunConfig(dg.Config):
     override_exit_guard: bool = False  # let an audience lose more members than its guard allows
 
 
-def build_snapshot_asset(app: Config, model: ModelSpec) -> dg.AssetsDefinition:
-    key = snapshot_key(model.name)
+def _asset_args(spec: dg.AssetSpec) -> dict[str, object]:
+    """The translator's decisions, as `@dg.asset` takes them."""
+    return {
+        "key": spec.key,
+        "deps": list(spec.deps),
+        "group_name": spec.group_name,
+        "description": spec.description,
+        "kinds": spec.kinds,
+        "owners": spec.owners,
+        "tags": spec.tags,
+        "metadata": spec.metadata,
+        "automation_condition": spec.automation_condition,
+    }
 
+
+def build_snapshot_asset(
+    app: Config, model: ModelSpec, spec: dg.AssetSpec, keys: ResourceKeys
+) -> dg.AssetsDefinition:
     @dg.asset(
-        key=key,
-        group_name="warehouse",
-        description=f"Snapshot of model {model.name!r} (primary key {model.primary_key}).",
-        kinds={"sql"},
+        **_asset_args(spec),
         partitions_def=partitions_of(model),
+        required_resource_keys={keys.warehouse},
         check_specs=[
             dg.AssetCheckSpec(
                 PRIMARY_KEY_CHECK,
-                asset=key,
+                asset=spec.key,
                 description="Rows with a NULL or duplicated primary key cannot be synced.",
             )
         ],
     )
-    def snapshot(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource
-    ) -> dg.MaterializeResult:
+    def snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        warehouse: WarehouseResource = getattr(context.resources, keys.warehouse)
+        partition = partition_of(context)
         wh = warehouse.open()
         try:
-            stats = take_snapshot(wh, model, app.path, partition_of(context))
+            stats = take_snapshot(wh, model, app.path, partition)
+            table, columns = _snapshot_columns(context, wh, model)
         finally:
             wh.dispose()
         return dg.MaterializeResult(
-            metadata=snapshot_metadata(stats),
+            metadata=snapshot_metadata(stats, partition, table, columns),
             check_results=[
                 dg.AssetCheckResult(
                     check_name=PRIMARY_KEY_CHECK,
@@ -98,8 +119,31 @@ def build_snapshot_asset(app: Config, model: ModelSpec) -> dg.AssetsDefinition:
     return snapshot
 
 
-def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
-    key = sync_key(sync.name)
+def _snapshot_columns(
+    context: dg.AssetExecutionContext, wh: Warehouse, model: ModelSpec
+) -> tuple[str, list[tuple[str, str]]]:
+    """The snapshot table's name and its columns' types from `information_schema` (SQLAlchemy's
+    reflection fails on DuckDB). Where the engine cannot say, the run goes on without them."""
+    name = wh.fit(snapshot_table(model.name))
+    try:
+        with wh.connect(f"reading the column types of the snapshot of {model.name!r}") as conn:
+            columns = conn.execute(COLUMN_TYPES, {"schema": wh.state_schema, "table": name})
+            types = [(column, str(type_)) for column, type_ in columns]
+    except WarehouseError as exc:
+        context.log.warning(f"no column schema recorded: {exc}")
+        types = []
+    return f"{wh.state_schema}.{name}", types
+
+
+def build_sync_asset(
+    app: Config,
+    sync: SyncSpec,
+    spec: dg.AssetSpec,
+    keys: ResourceKeys,
+    progress: SyncObserver | None = None,
+) -> dg.AssetsDefinition:
+    """`progress` hears the run's batches (the CLI's bars), in the process the step runs in."""
+    observer = progress or SyncObserver()
     retry = (
         dg.RetryPolicy(max_retries=sync.retry.max_retries, delay=sync.retry.delay_seconds)
         if sync.retry.max_retries
@@ -107,31 +151,24 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
     )
 
     @dg.asset(
-        key=key,
-        deps=[snapshot_key(m) for m in (sync.model, *sync.extra_models)],
+        **_asset_args(spec),
         partitions_def=partitions_of(app.models[sync.model]),
-        group_name="klaviyo",
-        description=f"{sync.action} of model {sync.model!r} on {', '.join(sync.on)} rows.",
-        kinds={"klaviyo"},
         pool=KLAVIYO_POOL,
         retry_policy=retry,
+        required_resource_keys={keys.warehouse, keys.api},
         check_specs=[
             dg.AssetCheckSpec(
                 REJECTED_SHARE_CHECK,
-                asset=key,
+                asset=spec.key,
                 description=f"At most {sync.max_rejected_share:.0%} of the rows sent are rejected.",
             )
         ],
     )
-    def deliver(
-        context: dg.AssetExecutionContext,
-        config: SyncRunConfig,
-        warehouse: WarehouseResource,
-        klaviyo: KlaviyoApiResource,
-        progress: dg.ResourceParam[SyncObserver],
-    ) -> dg.MaterializeResult:
+    def deliver(context: dg.AssetExecutionContext, config: SyncRunConfig) -> dg.MaterializeResult:
+        warehouse: WarehouseResource = getattr(context.resources, keys.warehouse)
+        klaviyo: KlaviyoApiResource = getattr(context.resources, keys.api)
         partition = partition_of(context)
-        progress.started(sync.name, partition)
+        observer.started(sync.name, partition)
         wh = warehouse.open()
         try:
             with klaviyo.client() as client:
@@ -142,7 +179,7 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
                         f"rejected, {len(batch.unsent)} to retry; "
                         f"{sum(report.delivered.values())} delivered so far"
                     )
-                    progress.batch(report, client.stats)
+                    observer.batch(report, client.stats)
 
                 report = run_sync(
                     app,
@@ -155,7 +192,7 @@ def build_sync_asset(app: Config, sync: SyncSpec) -> dg.AssetsDefinition:
                     override_exit_guard=config.override_exit_guard,
                     on_batch=on_batch,
                 )
-            progress.finished(report)
+            observer.finished(report)
             if app.models[sync.model].audience is not None and report.partition is not None:
                 audience = audience_metadata(
                     report, *audience_summary(wh, sync.model, report.partition)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import dagster as dg
 
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
-from klaviyo_pipelines.dagster_defs.assets import partitions_of, snapshot_key, sync_key
-from klaviyo_pipelines.dagster_defs.resources import WarehouseResource
+from klaviyo_pipelines.dagster_defs.assets import partitions_of
+from klaviyo_pipelines.dagster_defs.resources import ResourceKeys, WarehouseResource
+from klaviyo_pipelines.dagster_defs.translator import KlaviyoTranslator, snapshot_spec, sync_spec
 from klaviyo_pipelines.warehouse.audiences import AudienceStatus, audience_statuses
 
 RUN_KEY_TAG = "dagster/run_key"
@@ -40,12 +41,16 @@ def audience_syncs(config: Config, model: ModelSpec) -> list[SyncSpec]:
     return [s for s in config.syncs.values() if s.model == model.name]
 
 
-def audience_selection(config: Config, model: ModelSpec) -> dg.AssetSelection:
+def audience_selection(
+    config: Config, model: ModelSpec, translator: KlaviyoTranslator | None = None
+) -> dg.AssetSelection:
     """What one audience's run materializes: the snapshot and every sync of the model."""
+    translator = translator or KlaviyoTranslator()
     syncs = audience_syncs(config, model)
     models = dict.fromkeys([model.name, *(m for s in syncs for m in s.extra_models)])
     return dg.AssetSelection.assets(
-        *(snapshot_key(m) for m in models), *(sync_key(s.name) for s in syncs)
+        *(snapshot_spec(translator, config, config.models[m]).key for m in models),
+        *(sync_spec(translator, config, s).key for s in syncs),
     )
 
 
@@ -80,7 +85,9 @@ def runs_to_request(
     return [s for s in changed if run_key(s) not in done and s.key not in busy]
 
 
-def build_audience_sensor(config: Config, model: ModelSpec) -> dg.SensorDefinition:
+def build_audience_sensor(
+    config: Config, model: ModelSpec, translator: KlaviyoTranslator, keys: ResourceKeys
+) -> dg.SensorDefinition:
     spec = model.audience
     assert spec is not None
     partitions = partitions_of(model)
@@ -89,7 +96,8 @@ def build_audience_sensor(config: Config, model: ModelSpec) -> dg.SensorDefiniti
 
     @dg.sensor(
         name=sensor_name(model),
-        target=audience_selection(config, model),
+        target=audience_selection(config, model, translator),
+        required_resource_keys={keys.warehouse},
         minimum_interval_seconds=spec.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
@@ -97,9 +105,8 @@ def build_audience_sensor(config: Config, model: ModelSpec) -> dg.SensorDefiniti
             "changed since its last sync; adds a partition for each new audience."
         ),
     )
-    def audiences(
-        context: dg.SensorEvaluationContext, warehouse: WarehouseResource
-    ) -> dg.SensorResult:
+    def audiences(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        warehouse: WarehouseResource = getattr(context.resources, keys.warehouse)
         after = json.loads(context.cursor).get("after") if context.cursor else None
         wh = warehouse.open()
         try:

@@ -2,24 +2,25 @@
 
 Going through `materialize` rather than calling the runner directly means a CLI run leaves
 the same materializations, metadata and checks in the Dagster instance as a UI run. The
-caller's `SyncObserver` becomes the run's `progress` resource, so it hears every batch the
-runner commits inside the run (the steps run in this process). SIGINT / SIGTERM stop the
-syncs (`interrupt`): the running one stops sending and reports, and no further run starts.
+definitions are `build_defs(config)`'s, with the caller's `SyncObserver` as their
+`progress`, so it hears every batch the runner commits inside the run (the steps run in this
+process). SIGINT / SIGTERM stop the syncs (`interrupt`): the running one stops sending and reports, and no further run starts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
 
 from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.config import Config, ConfigError, ModelSpec, SyncSpec
-from klaviyo_pipelines.dagster_defs.assets import SyncRunConfig, partitions_of, sync_key
+from klaviyo_pipelines.dagster_defs.assets import SyncRunConfig, partitions_of
 from klaviyo_pipelines.dagster_defs.audience_sensor import INVALID_IN_KEYS, audience_syncs
-from klaviyo_pipelines.definitions import build_assets, build_resources, sync_selection
+from klaviyo_pipelines.dagster_defs.build import build_defs, sync_selection
+from klaviyo_pipelines.dagster_defs.translator import KlaviyoTranslator, sync_spec
 from klaviyo_pipelines.progress import SyncObserver
 from klaviyo_pipelines.runner import MAX_SAMPLES
 from klaviyo_pipelines.warehouse.audiences import audience_statuses
@@ -45,12 +46,13 @@ SUMMED = (
 
 @dataclass(frozen=True)
 class Launch:
-    """What every run of one `materialize_syncs` call shares: instance, run config, observer."""
+    """What every run of one `materialize_syncs` call shares: the definitions (their syncs
+    telling the caller's observer), instance and run config."""
 
+    defs: dg.Definitions
     instance: dg.DagsterInstance | None = None
     retry_rejected: bool = False
     override_exit_guard: bool = False
-    observer: SyncObserver = field(default_factory=SyncObserver)
     log_level: str = "WARNING"
 
 
@@ -77,9 +79,8 @@ def materialize_syncs(
     (`interrupt.signal_number()` tells which signal).
     """
     with interrupt.on_signals():  # between runs; each run's sync sets its own
-        launch = Launch(
-            instance, retry_rejected, override_exit_guard, observer or SyncObserver(), log_level
-        )
+        defs = build_defs(config, progress=observer)
+        launch = Launch(defs, instance, retry_rejected, override_exit_guard, log_level)
         specs = [config.syncs[name] for name in syncs]
         plain = [s for s in specs if not config.models[s.model].partitioned]
         by_audience = [s for s in specs if config.models[s.model].audience is not None]
@@ -116,12 +117,13 @@ def _run(
             }
             for spec in specs
         }
+    translator = KlaviyoTranslator()  # build_defs' default, as in materialize_syncs
     selection = dg.AssetSelection.assets()
     for spec in specs:
-        selection = selection | sync_selection(spec)
+        selection = selection | sync_selection(config, spec, translator)
     run_config = dg.RunConfig(
         ops={
-            sync_key(s.name).to_python_identifier(): SyncRunConfig(
+            sync_spec(translator, config, s).key.to_python_identifier(): SyncRunConfig(
                 retry_rejected=launch.retry_rejected,
                 override_exit_guard=launch.override_exit_guard,
             )
@@ -130,9 +132,9 @@ def _run(
         loggers={"console": {"config": {"log_level": launch.log_level}}},
     )
     result = dg.materialize(
-        build_assets(config),
+        list(launch.defs.assets or []),
         selection=selection,
-        resources=build_resources(config) | {"progress": launch.observer},
+        resources=launch.defs.resources,
         instance=launch.instance,
         run_config=run_config,
         partition_key=partition,

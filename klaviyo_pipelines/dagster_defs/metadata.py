@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
@@ -33,8 +34,8 @@ def sync_metadata(report: SyncReport) -> dict[str, Any]:
         "klaviyo/duration_seconds": dg.FloatMetadataValue(round(report.duration_seconds, 3)),
         "klaviyo/rows_per_second": dg.FloatMetadataValue(round(report.rows_per_second, 1)),
         "klaviyo/job_ids": dg.JsonMetadataValue(report.job_ids[:50]),
-        "dagster/row_count": sum(report.delivered.values()),
     }
+    metadata[row_count_key(report.partition)] = sum(report.delivered.values())
     for kind in KINDS:
         metadata[f"klaviyo/planned_{kind}"] = report.planned.get(kind, 0)
         metadata[f"klaviyo/delivered_{kind}"] = report.delivered.get(kind, 0)
@@ -58,9 +59,24 @@ def sync_metadata(report: SyncReport) -> dict[str, Any]:
     return metadata
 
 
-def snapshot_metadata(stats: SnapshotStats) -> dict[str, Any]:
+def row_count_key(partition: str | None) -> str:
+    """Dagster's name for the rows of a run: a partitioned run counts only its partition."""
+    return "dagster/partition_row_count" if partition else "dagster/row_count"
+
+
+def snapshot_metadata(
+    stats: SnapshotStats,
+    partition: str | None = None,
+    table_name: str = "",
+    column_types: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """The counts, and the snapshot table with its columns under Dagster's table keys."""
     return {
-        "dagster/row_count": stats.rows,
+        row_count_key(partition): stats.rows,
+        "dagster/table_name": table_name,
+        "dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn(name, type_) for name, type_ in column_types]
+        ),
         "warehouse/null_keys": stats.null_keys,
         "warehouse/duplicate_keys": stats.duplicate_keys,
         "warehouse/duplicate_rows": stats.duplicate_rows,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -20,6 +21,22 @@ from klaviyo_pipelines.warehouse.engine import Warehouse
 
 # httpx logs every URL at INFO, query string included: profile lookups carry emails there.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+DEFAULT_RESOURCE_PREFIX = "klaviyo_"
+
+
+@dataclass(frozen=True)
+class ResourceKeys:
+    """Our resources' keys: prefixed, so merged into a user's project (who often has a
+    `warehouse` of their own) they never clash."""
+
+    warehouse: str
+    api: str
+
+    @classmethod
+    def with_prefix(cls, prefix: str = DEFAULT_RESOURCE_PREFIX) -> ResourceKeys:
+        return cls(warehouse=f"{prefix}warehouse", api=f"{prefix}api")
 
 
 class WarehouseResource(dg.ConfigurableResource):
