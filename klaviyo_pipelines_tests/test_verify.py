@@ -4,9 +4,11 @@ field; --repair plus the next sync restores exact equality; a clean account has 
 
 from __future__ import annotations
 
+from klaviyo_pipelines.demo import create_demo_warehouse
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.verify import verify_sync
 from klaviyo_pipelines.warehouse.engine import Warehouse
+from klaviyo_pipelines_tests.cli_runs import run, write_config
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
 from klaviyo_pipelines_tests.test_upsert_profile_sync import config_for, customers, load, sync
 
@@ -56,3 +58,22 @@ def test_drift_is_found_by_kind_and_field_and_repair_restores_it(warehouse_url, 
     assert again.planned == {"added": 3} and sum(again.delivered.values()) == 3
     after = verify(config, wh, sandbox, sample=None)
     assert (after.checked, after.in_step, sum(after.drifted.values())) == (30, 30, 0)
+
+
+def test_the_cli_prints_one_json_object_and_exits_1_on_drift(duckdb_url, sandbox, tmp_path, capsys):
+    create_demo_warehouse(duckdb_url, "klaviyo_sync", customers=40)
+    config = write_config(tmp_path, duckdb_url, sandbox)
+    select = ("--config", config, "--select", "customers_to_klaviyo", "--output", "json")
+    assert run(capsys, "sync", *select)[0] == 0
+
+    code, clean = run(capsys, "verify", *select, "--all")
+    report = clean["syncs"]["customers_to_klaviyo"]
+    assert (code, clean["status"], report["drifted"]) == (0, "in_step", 0)
+    assert report["checked"] == report["delivered"] > 0
+
+    profile = next(iter(sandbox.state.profiles.values()))
+    profile.attributes["properties"]["loyalty_tier"] = "edited"
+    code, drift = run(capsys, "verify", *select, "--all")
+    report = drift["syncs"]["customers_to_klaviyo"]
+    assert (code, drift["status"], report["drifted_by_kind"]) == (1, "drift", {"different": 1})
+    assert report["samples"][0]["field"] == "properties.loyalty_tier"

@@ -1,4 +1,4 @@
-"""`klaviyo-pipelines`: demo, plan, sync, validate, status and the local Klaviyo sandbox.
+"""`klaviyo-pipelines`: demo, plan, sync, validate, status, verify and the local Klaviyo sandbox.
 
 Exit codes: 0 when every sync succeeded, 1 when any failed (or the command failed), 2 on a
 configuration error (the file, an option, the API key's variable), 128 + the signal when
@@ -22,10 +22,13 @@ The global options `--config`, `--output` and `--debug` go before or after the c
 - `demo`: `status` and `error` (as `sync`, over both runs), `warehouse`, `customers`,
   `first_run` and `second_run` (each as `sync` prints), `changes`, `sandbox` (`profiles`, `vip_list_members`, `events`, `subscriptions`).
 - `validate`: `valid`, `config`, `syncs` (names), `warehouse_checked` (false with `--offline`
-  on a warehouse server), `errors` (`{file, key, reason}`), `error`.
+  on a warehouse server), `errors` (`{file, key, reason}`), `warnings`, `error`.
 - `status`: `syncs.<sync>` with `last_run` (null, or the run's report plus `run_id`,
   `started_at`, `finished_at`), `delivered_rows`, `ledger` (`invalid`, `transient`: counts;
   `rows`: `{key, kind, field, reason, attempts, first_seen, last_seen}`).
+- `verify`: `status` (in_step | drift) and `syncs.<sync>` with `delivered`, `checked`,
+  `in_step`, `drifted`, `drifted_by_kind`, `unchecked` (reason: rows), `repaired`, `samples`
+  (up to 20 of `{key, kind, field, warehouse, klaviyo}`); exit 1 when drift was found.
 
 Timestamps are ISO 8601 in UTC. Progress bars go to stderr, only when it is a terminal or
 `--progress` is given, and never with `--output json`.
@@ -54,6 +57,7 @@ from klaviyo_pipelines.cli.progress_bars import add_progress_option
 from klaviyo_pipelines.cli.status import add_status_options, status
 from klaviyo_pipelines.cli.syncs import failure_message, partition_day, plan, sync
 from klaviyo_pipelines.cli.validate import validate
+from klaviyo_pipelines.cli.verify import add_verify_options, verify
 from klaviyo_pipelines.config import ConfigError
 
 __all__ = ["main"]
@@ -206,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_status_options(
         add_command("status", status, "each sync's last run and rows awaiting retry")
+    )
+    add_verify_options(
+        add_command("verify", verify, "read Klaviyo back and report where it drifted")
     )
 
     command = add_command("sandbox", sandbox, "serve the Klaviyo sandbox on loopback")
