@@ -123,6 +123,9 @@ class KlaviyoSpec:
     revision: str = DEFAULT_REVISION
     timeout_seconds: float = 30.0
     max_attempts: int = 6
+    # The Dagster concurrency pool of the account's sync steps: Klaviyo's rate limits are per
+    # account, so two accounts must not queue behind one slot.
+    pool: str = "klaviyo"
 
 
 @dataclass(frozen=True)
@@ -499,7 +502,7 @@ def _loopback(host: str) -> bool:
 
 
 def _parse_klaviyo(raw: Mapping[str, Any], path: str) -> KlaviyoSpec:
-    known = {"api_key", "base_url", "revision", "timeout_seconds", "max_attempts"}
+    known = {"api_key", "base_url", "revision", "timeout_seconds", "max_attempts", "pool"}
     _no_unknown(raw, known, path, "klaviyo.")
     key_ref = raw.get("api_key", "${KLAVIYO_API_KEY}")
     match = _WHOLE_ENV_REF.match(str(key_ref)) if isinstance(key_ref, str) else None
@@ -519,7 +522,18 @@ def _parse_klaviyo(raw: Mapping[str, Any], path: str) -> KlaviyoSpec:
         revision=revision,
         timeout_seconds=_number(raw, "timeout_seconds", path, "klaviyo.", 30.0, minimum=0.1),
         max_attempts=int(_number(raw, "max_attempts", path, "klaviyo.", 6, minimum=1)),
+        pool=_identifier(
+            _string(raw, "pool", path, "klaviyo.pool", _default_pool(match.group(1))),
+            path,
+            "klaviyo.pool",
+        ),
     )
+
+
+def _default_pool(key_variable: str) -> str:
+    """The account's pool, named after the variable holding its key (never the key itself):
+    `klaviyo` for KLAVIYO_API_KEY, `klaviyo_<variable>` for another account's."""
+    return "klaviyo" if key_variable == "KLAVIYO_API_KEY" else f"klaviyo_{key_variable.lower()}"
 
 
 def _number(

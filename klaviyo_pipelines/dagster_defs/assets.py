@@ -30,7 +30,7 @@ from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.errors import WarehouseError
 from klaviyo_pipelines.warehouse.snapshot import snapshot_table, take_snapshot
 
-KLAVIYO_POOL = "klaviyo"
+KLAVIYO_POOL = "klaviyo"  # the default account's (config.KlaviyoSpec.pool)
 PRIMARY_KEY_CHECK = "primary_key_unique_and_not_null"
 REJECTED_SHARE_CHECK = "rejected_share_under_threshold"
 COLUMN_TYPES = sa.text(
@@ -153,7 +153,7 @@ def build_sync_asset(
     @dg.asset(
         **_asset_args(spec),
         partitions_def=partitions_of(app.models[sync.model]),
-        pool=KLAVIYO_POOL,
+        pool=app.klaviyo.pool,
         retry_policy=retry,
         required_resource_keys={keys.warehouse, keys.api},
         check_specs=[
