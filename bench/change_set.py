@@ -25,6 +25,14 @@ database, the model lives in it and the state schema is a second database named 
     python bench/change_set.py [--rows 1000000] [--columns 10]
                                [--warehouse duckdb|postgresql|mariadb]
     python bench/change_set.py --all    # the table: 1M and 10M on DuckDB, 1M on PostgreSQL, MariaDB
+    python bench/change_set.py --snapshot both [--warehouse postgresql]
+
+`--snapshot copy|direct` picks how ours reads the model (direct, the default of a `table:`
+model, diffs the table where it is; copy snapshots it first). `both` runs the two on one
+setup, without the baseline, and prints what each run cost besides its time and memory: the
+rows it wrote, and what it read (PostgreSQL: blocks read + hit per table from
+pg_statio_user_tables, before/after; DuckDB: the database file's growth). There each run
+leaves the 0.5% deleted rows unacknowledged, so that both diff the same state.
 
 The baseline is skipped where its peak RSS (about 1.2 KB per row) would not fit in half the
 memory available; the table says so.
@@ -123,17 +131,18 @@ def open_warehouse(url: str) -> Any:
     return Warehouse(url, state_schema=schemas(url)[1])
 
 
-def make_config(url: str, columns: int) -> Any:
+def make_config(url: str, columns: int, snapshot: str = "direct") -> Any:
     """An upsert_profile sync reading every model column, so the row hash covers all of them."""
     from klaviyo_pipelines.config import parse_config
 
     properties = {name: name for name in other_columns(columns)}
     mapping = {"email": "email", "external_id": "id", "properties": properties}
+    model = {"table": model_table(url), "primary_key": "id", "snapshot": snapshot}
     text = json.dumps(  # JSON is YAML
         {
             "warehouse": {"url": url, "state_schema": schemas(url)[1]},
             "klaviyo": {"api_key": "${KLAVIYO_API_KEY}"},
-            "models": {"people": {"table": model_table(url), "primary_key": "id"}},
+            "models": {"people": model},
             "syncs": {SYNC: {"model": "people", "action": "upsert_profile", "mapping": mapping}},
         }
     )
@@ -168,6 +177,8 @@ def deliver_first_sync_in_sql(wh: Any, config: Any, rows: int) -> list[str]:
                 f"FROM {wh.table(changes_table(SYNC))} AS c WHERE c._kp_send"
             )
         )
+        # gone, as if a run since had found nothing: the phases start alike
+        conn.execute(sa.text(f"DROP TABLE {wh.table(changes_table(SYNC))}"))
     return prepared.columns
 
 
@@ -228,28 +239,54 @@ def expected_counts(rows: int) -> dict[str, int]:
     return {"added": rows // 200, "updated": rows // 100, "deleted": (rows + 199) // 200}
 
 
-def ours(url: str, columns: int) -> dict[str, Any]:
-    """The project's own path: snapshot, then the change set in changes__<sync>."""
+def ours(
+    url: str, columns: int, snapshot: str = "direct", acknowledge: bool = True
+) -> dict[str, Any]:
+    """The project's own path: snapshot (or, direct, the key check), then the change set in
+    changes__<sync>."""
     from klaviyo_pipelines.runner import SyncReport, prepare_sync
     from klaviyo_pipelines.warehouse.changes import changes_table
     from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 
     started = time.perf_counter()
-    wh, config = open_warehouse(url), make_config(url, columns)
+    wh, config = open_warehouse(url), make_config(url, columns, snapshot)
     take_snapshot(wh, config.models["people"], config.path)
     snapshotted = time.perf_counter()
     report = SyncReport(sync=SYNC, action="upsert_profile", model="people")
-    prepare_sync(config, SYNC, wh, report, retry_rejected=False)
+    prepare_sync(config, SYNC, wh, report, retry_rejected=False, acknowledge=acknowledge)
     prepared = time.perf_counter()
     with wh.engine.connect() as conn:  # a check of the table a run reads, not timed
         query = f"SELECT _kp_kind, count(*) FROM {wh.table(changes_table(SYNC))} GROUP BY 1"
         counts = {kind: int(n) for kind, n in conn.execute(sa.text(query)).all()}
+        written = rows_kept(wh, conn)
     wh.dispose()
     assert counts == report.found, (counts, report.found)
     return {
         "counts": counts,
         "steps": {"take_snapshot": snapshotted - started, "prepare_sync": prepared - snapshotted},
+        "rows_kept": written,
     }
+
+
+def rows_kept(wh: Any, conn: Any) -> int:
+    """Rows now in the tables a run writes and keeps: the snapshot, its bad keys (both gone
+    when direct) and the change set."""
+    from klaviyo_pipelines.warehouse.changes import changes_table
+    from klaviyo_pipelines.warehouse.snapshot import bad_keys_table, snapshot_table
+
+    total = 0
+    for name in (snapshot_table("people"), bad_keys_table("people"), changes_table(SYNC)):
+        if wh.table_exists(conn, name):
+            total += conn.execute(sa.text(f"SELECT count(*) FROM {wh.table(name)}")).scalar()
+    return int(total)
+
+
+def copy(url: str, columns: int) -> dict[str, Any]:
+    return ours(url, columns, "copy", acknowledge=False)
+
+
+def direct(url: str, columns: int) -> dict[str, Any]:
+    return ours(url, columns, "direct", acknowledge=False)
 
 
 def baseline(url: str, columns: int) -> dict[str, Any]:
@@ -294,17 +331,68 @@ def baseline(url: str, columns: int) -> dict[str, Any]:
     }
 
 
-PHASES = {"ours": ours, "baseline": baseline}
-IMPORTS = {"ours": "klaviyo_pipelines.runner", "baseline": "pandas"}
+PHASES = {"ours": ours, "baseline": baseline, "direct": direct, "copy": copy}
+IMPORTS = {"baseline": "pandas"}  # the others: klaviyo_pipelines.runner
+SNAPSHOT_PHASES = ("direct", "copy")  # `--snapshot both`
 
 
-def run_phase(phase: str, url: str, columns: int) -> dict[str, Any]:
-    """Run a phase in a fresh interpreter; it reports its times, counts and peak RSS as JSON."""
+def run_phase(phase: str, url: str, columns: int, snapshot: str = "direct") -> dict[str, Any]:
+    """Run a phase in a fresh interpreter; it reports its times, counts and peak RSS as JSON.
+    Around it, what the warehouse read and wrote (`reads`)."""
     command = [sys.executable, __file__, "--phase", phase, "--url", url, "--columns", str(columns)]
+    command += ["--snapshot", snapshot]
+    before = reads(url)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"phase {phase} failed:\n{done.stderr}")
-    return json.loads(done.stdout.splitlines()[-1])
+    result = json.loads(done.stdout.splitlines()[-1])
+    result["reads"] = {
+        key: value - before[key][1] if before.get(key, (None,))[0] == table else value
+        for key, (table, value) in reads(url).items()
+    }
+    return result
+
+
+def reads(url: str) -> dict[str, tuple[int, int]]:
+    """Counters of what the warehouse read and wrote, each with the table it counts (its
+    oid: a table replaced by the phase counts from zero) or 0: on PostgreSQL, blocks read +
+    hit (heap, index, TOAST) per table, and the database's blocks, rows inserted and WAL
+    bytes; on DuckDB the database file's bytes, and those in use."""
+    if url.startswith("duckdb"):
+        import duckdb
+
+        path = Path(sa.engine.make_url(url).database or "")
+        with duckdb.connect(str(path)) as conn:  # folds the WAL in: a phase starts from none
+            conn.execute("CHECKPOINT")
+            used, block = conn.execute(
+                "SELECT used_blocks, block_size FROM pragma_database_size()"
+            ).fetchone()
+        return {"file bytes": (0, path.stat().st_size), "file bytes in use": (0, used * block)}
+    if not url.startswith("postgresql"):
+        return {}
+    time.sleep(1.0)  # the phase's backends flush their statistics as they exit
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        tables = conn.execute(
+            sa.text(
+                "SELECT schemaname || '.' || relname, relid, coalesce(heap_blks_read, 0) "
+                "+ coalesce(heap_blks_hit, 0) + coalesce(idx_blks_read, 0) "
+                "+ coalesce(idx_blks_hit, 0) + coalesce(toast_blks_read, 0) "
+                "+ coalesce(toast_blks_hit, 0) FROM pg_statio_user_tables"
+            )
+        ).all()
+        database = conn.execute(
+            sa.text(
+                "SELECT blks_read + blks_hit, tup_inserted, pg_current_wal_lsn() - '0/0' "
+                "FROM pg_stat_database WHERE datname = current_database()"
+            )
+        ).one()
+    engine.dispose()
+    counters = {f"blocks {name}": (int(oid), int(blocks)) for name, oid, blocks in tables}
+    counters["blocks, whole database"] = (0, int(database[0]))
+    counters["rows inserted (pg_stat_database)"] = (0, int(database[1]))
+    counters["WAL bytes"] = (0, int(database[2]))  # the server's: quiet during a bench
+    return counters
 
 
 def peak_rss_mb() -> float:
@@ -313,11 +401,11 @@ def peak_rss_mb() -> float:
     return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
 
 
-def child(phase: str, url: str, columns: int) -> None:
-    importlib.import_module(IMPORTS[phase])
+def child(phase: str, url: str, columns: int, snapshot: str) -> None:
+    importlib.import_module(IMPORTS.get(phase, "klaviyo_pipelines.runner"))
     sa.create_engine(url).dispose()  # imports the database driver
     start_mb = peak_rss_mb()
-    result = PHASES[phase](url, columns)
+    result = ours(url, columns, snapshot) if phase == "ours" else PHASES[phase](url, columns)
     result["seconds"] = sum(result["steps"].values())
     result["peak_mb"], result["start_mb"] = peak_rss_mb(), start_mb
     print(json.dumps(result))
@@ -394,14 +482,17 @@ def baseline_skip_reason(rows: int) -> str | None:
     )
 
 
-def run_case(rows: int, columns: int, kind: str) -> dict[str, Any]:
-    """Set up one warehouse, run both phases (the baseline where it fits), check the counts."""
+def run_case(rows: int, columns: int, kind: str, snapshot: str = "direct") -> dict[str, Any]:
+    """Set up one warehouse, run both phases (the baseline where it fits), check the counts;
+    with `snapshot` both, the direct and the copy phases instead."""
     skipped = baseline_skip_reason(rows)
-    phases = [p for p in PHASES if p != "baseline" or skipped is None]
+    phases = [p for p in ("ours", "baseline") if p != "baseline" or skipped is None]
+    if snapshot == "both":
+        phases, skipped = list(SNAPSHOT_PHASES), None
     with warehouse(kind) as url:
         setup(url, rows, columns, with_baseline="baseline" in phases)
         about = machine(url)
-        results = {phase: run_phase(phase, url, columns) for phase in phases}
+        results = {phase: run_phase(phase, url, columns, snapshot) for phase in phases}
     for phase, result in results.items():
         assert result["counts"] == expected_counts(rows), (phase, result["counts"], rows)
     return {"rows": rows, "warehouse": kind, "about": about, "results": results, "note": skipped}
@@ -430,7 +521,15 @@ def report(columns: int, cases: list[dict[str, Any]]) -> None:
             )
             for step, seconds in result["steps"].items():
                 table.add_row("", f"  {step}", f"{seconds:.2f}", "", "", style="dim")
-        if "baseline" in results:
+        if "direct" in results:
+            table.add_row(
+                "",
+                "[bold]copy / direct",
+                f"{results['copy']['seconds'] / results['direct']['seconds']:.1f}x",
+                f"{results['copy']['peak_mb'] / results['direct']['peak_mb']:.1f}x",
+                "",
+            )
+        elif "baseline" in results:
             ours_, base = results["ours"], results["baseline"]
             table.add_row(
                 "",
@@ -444,8 +543,39 @@ def report(columns: int, cases: list[dict[str, Any]]) -> None:
         table.add_section()
     console.print(table)
     console.print("Changes found, the same by both: 1% updated, 0.5% added, 0.5% deleted.")
+    for case in cases:
+        if "direct" in case["results"]:
+            console.print(cost_table(case))
     if any(case["warehouse"] != "duckdb" for case in cases):
         console.print("On a server ours runs in the server: its RSS is the client's alone.")
+
+
+def cost_table(case: dict[str, Any]) -> Any:
+    """What each snapshot mode's run wrote and read, and copy / direct."""
+    from rich.table import Table
+
+    direct, copy = case["results"]["direct"], case["results"]["copy"]
+    table = Table(
+        "what the run wrote / read",
+        "direct",
+        "copy",
+        "copy / direct",
+        title=f"{case['rows'] / 1e6:g}M rows, {case['warehouse']}: cost of a run",
+    )
+
+    def row(name: str, d: float, c: float) -> None:
+        ratio = f"{c / d:.1f}x" if d else ("=" if c == d else "-")
+        table.add_row(name, f"{d:,.0f}", f"{c:,.0f}", ratio)
+
+    row("rows kept (snapshot, bad keys, change set)", direct["rows_kept"], copy["rows_kept"])
+    names = sorted(
+        set(direct["reads"]) | set(copy["reads"]), key=lambda n: (not n.startswith("blocks "), n)
+    )
+    for name in names:
+        d, c = direct["reads"].get(name, 0), copy["reads"].get(name, 0)
+        if d or c:
+            row(name, d, c)
+    return table
 
 
 ALL_CASES = [
@@ -466,16 +596,24 @@ def main() -> None:
     parser.add_argument(
         "--all", action="store_true", help="1M and 10M on DuckDB, 1M on PostgreSQL and MariaDB"
     )
+    parser.add_argument(
+        "--snapshot",
+        choices=["direct", "copy", "both"],
+        default="direct",
+        help="how ours reads the model; both: compare the two, without the baseline",
+    )
     parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
-        child(args.phase, args.url, args.columns)
+        child(args.phase, args.url, args.columns, args.snapshot)
         return
     if args.columns < 3 or args.rows < 200:
         parser.error("need --columns >= 3 and --rows >= 200")
     cases = ALL_CASES if args.all else [(args.rows, args.warehouse)]
-    report(args.columns, [run_case(rows, args.columns, kind) for rows, kind in cases])
+    report(
+        args.columns, [run_case(rows, args.columns, kind, args.snapshot) for rows, kind in cases]
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import itertools
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from importlib import resources
 from pathlib import Path
@@ -33,6 +33,7 @@ KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 DEFAULT_REVISION = "2026-07-15"
 
 AUDIENCE_ACTIONS = frozenset({"add_profile_to_list", "remove_profile_from_list"})
+VERIFY_SEVERITIES = ("warn", "error")  # Dagster's AssetCheckSeverity, lower-cased
 DAGSTER_KEYS = ("key_prefix", "group", "owners", "tags")  # top level: see DagsterSpec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -167,6 +168,9 @@ class ModelSpec:
     audience: AudienceSpec | None = None
     sql_params_items: tuple[tuple[str, str], ...] = ()
     deps: tuple[str, ...] = ()  # upstream Dagster asset keys, `/`-separated: lineage
+    # "copy": each run copies the model into the state schema; "direct": change sets read it
+    # where it is (no copy to pay for), for unpartitioned models only. See `_snapshot_mode`.
+    snapshot: str = "copy"
 
     @property
     def sql_params(self) -> dict[str, str]:
@@ -197,6 +201,19 @@ class AutomationSpec:
 
 
 @dataclass(frozen=True)
+class VerifySpec:
+    """The sync's `verify` asset check: how many delivered rows it reads back from Klaviyo,
+    the drift share that fails it and how loudly, and the cron that runs it alone."""
+
+    sample: int | None = 1_000  # None: every delivered row (`sample: all`)
+    seed: int | None = None  # None: a new sample each run, its seed recorded in the metadata
+    severity: str = "warn"
+    max_drift_share: float = 0.01
+    blocking: bool = False  # an ERROR failure stops downstream assets of the same run
+    schedule: str | None = None
+
+
+@dataclass(frozen=True)
 class DagsterSpec:
     """How our assets appear among the user's: a key prefix, a group, owners and tags."""
 
@@ -221,6 +238,7 @@ class SyncSpec:
     automation: AutomationSpec | None = None
     default_mappings: bool = True  # a column named like a Klaviyo field maps to it
     namespace: str | None = None  # in derived event ids and consent source; None: the name
+    verify: VerifySpec = field(default_factory=VerifySpec)
 
     @property
     def identity(self) -> str:
@@ -299,7 +317,28 @@ def parse_config(text: str, path: str) -> Config:
     }
     if not syncs:
         raise ConfigError(path, "syncs", "no syncs are configured")
+    models = _copy_models_read_by_key(models, syncs, raw["models"], path)
     return Config(path, warehouse, klaviyo, models, syncs, _parse_dagster(raw, path))
+
+
+def _copy_models_read_by_key(
+    models: dict[str, ModelSpec], syncs: Mapping[str, SyncSpec], raw: Any, path: str
+) -> dict[str, ModelSpec]:
+    """A model another sync reads page by page (line items) is read from its copy: direct
+    by default becomes copy, and direct set in the file is refused."""
+    for sync in syncs.values():
+        for name in sync.extra_models:
+            if models[name].snapshot != "direct":
+                continue
+            if "snapshot" in raw[name]:
+                raise ConfigError(
+                    path,
+                    f"models.{name}.snapshot",
+                    f"sync {sync.name!r} reads this model page by page from its copy "
+                    "(settings.line_items): use copy",
+                )
+            models[name] = replace(models[name], snapshot="copy")
+    return models
 
 
 def _parse_dagster(raw: Mapping[str, Any], path: str) -> DagsterSpec:
@@ -554,7 +593,7 @@ def _number(
 def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
     key = f"models.{name}"
     _identifier(name, path, key)
-    known = {"sql", "table", "primary_key", "partition", "audience", "deps"}
+    known = {"sql", "table", "primary_key", "partition", "audience", "deps", "snapshot"}
     _no_unknown(raw, known, path, f"{key}.")
     if "partition" in raw and "audience" in raw:
         raise ConfigError(
@@ -590,7 +629,32 @@ def _parse_model(name: str, raw: Mapping[str, Any], path: str) -> ModelSpec:
         partition=_parse_partition(raw.get("partition"), path, f"{key}.partition"),
         audience=_parse_audience(raw.get("audience"), path, f"{key}.audience"),
         deps=_strings(raw.get("deps", []), path, f"{key}.deps"),
+        snapshot=_snapshot_mode(raw, path, key),
     )
+
+
+SNAPSHOT_MODES = ("copy", "direct")
+
+
+def _snapshot_mode(raw: Mapping[str, Any], path: str, key: str) -> str:
+    """`snapshot`: direct by default for an unpartitioned `table:` model (reading a table where
+    it is costs one scan; a copy costs a scan and a write every run); copy otherwise, as a
+    `sql:` query may be costly or non-deterministic to run again. A partitioned or audience
+    model replaces one partition of its copy at a time, so it cannot be direct."""
+    partitioned = "partition" in raw or "audience" in raw
+    if "snapshot" not in raw:
+        return "direct" if "table" in raw and not partitioned else "copy"
+    mode = raw["snapshot"]
+    if mode not in SNAPSHOT_MODES:
+        raise ConfigError(path, f"{key}.snapshot", f"must be copy or direct, got {mode!r}")
+    if mode == "direct" and partitioned:
+        raise ConfigError(
+            path,
+            f"{key}.snapshot",
+            "direct reads an unpartitioned model where it is; a partitioned or audience model "
+            "keeps a copy, one partition at a time (use copy)",
+        )
+    return str(mode)
 
 
 def _model_sql(text: str, path: str, key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -696,6 +760,7 @@ def _parse_sync(
         "automation",
         "default_mappings",
         "namespace",
+        "verify",
     }
     _no_unknown(raw, known, path, f"{key}.")
     model = _string(raw, "model", path, f"{key}.model")
@@ -770,6 +835,42 @@ def _parse_sync(
         automation=_parse_automation(raw.get("automation"), path, f"{key}.automation"),
         default_mappings=_sync_flag(raw, "default_mappings", path, key),
         namespace=_namespace(raw, path, key),
+        verify=_parse_verify(raw.get("verify", {}), path, f"{key}.verify"),
+    )
+
+
+def _parse_verify(value: Any, path: str, key: str) -> VerifySpec:
+    """`verify: {sample, seed, severity, max_drift_share, blocking, schedule}`, all optional."""
+    raw = _mapping(value, path, key)
+    known = {"sample", "seed", "severity", "max_drift_share", "blocking", "schedule"}
+    _no_unknown(raw, known, path, f"{key}.")
+    sample = raw.get("sample", VerifySpec.sample)
+    if sample != "all" and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+        raise ConfigError(
+            path, f"{key}.sample", f"must be a whole number >= 1 or all, got {sample!r}"
+        )
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(path, f"{key}.seed", f"must be a whole number, got {seed!r}")
+    severity = _string(raw, "severity", path, f"{key}.severity", VerifySpec.severity).lower()
+    if severity not in VERIFY_SEVERITIES:
+        raise ConfigError(path, f"{key}.severity", f"must be warn or error, got {severity!r}")
+    share = _number(raw, "max_drift_share", path, f"{key}.", VerifySpec.max_drift_share, 0)
+    if share > 1:
+        raise ConfigError(path, f"{key}.max_drift_share", f"must be at most 1, got {share!r}")
+    blocking = raw.get("blocking", False)
+    if not isinstance(blocking, bool):
+        raise ConfigError(path, f"{key}.blocking", f"must be true or false, got {blocking!r}")
+    schedule = _string(raw, "schedule", path, f"{key}.schedule") if "schedule" in raw else None
+    if schedule is not None and len(schedule.split()) != 5:
+        raise ConfigError(path, f"{key}.schedule", f"{schedule!r} is not a 5-field cron string")
+    return VerifySpec(
+        sample=None if sample == "all" else sample,
+        seed=seed,
+        severity=severity,
+        max_drift_share=share,
+        blocking=blocking,
+        schedule=schedule,
     )
 
 

@@ -209,7 +209,6 @@ def prepare_sync(
     action = check_sync(config, sync_name, wh)
     read = sorted(action.columns)
     report.partition = partition
-    report.key_rejected = _record_key_problems(wh, sync, model, report, partition)
     changes = compute_change_set(
         wh,
         sync,
@@ -218,6 +217,10 @@ def prepare_sync(
         partition=partition,
         retry_rejected=retry_rejected,
         acknowledge=acknowledge,
+        model=model,
+    )
+    report.key_rejected = _record_key_problems(
+        wh, sync, model, report, partition, changes.key_problems
     )
     report.found, report.planned = changes.by_kind, changes.selected
     report.held_invalid, report.acknowledged = changes.held_invalid, changes.acknowledged
@@ -534,11 +537,21 @@ def _commit(
 
 
 def _record_key_problems(
-    wh: Warehouse, sync: SyncSpec, model: ModelSpec, report: SyncReport, partition: str | None
+    wh: Warehouse,
+    sync: SyncSpec,
+    model: ModelSpec,
+    report: SyncReport,
+    partition: str | None,
+    found: Sequence[tuple[str | None, int]] | None = None,
 ) -> int:
     """Put NULL and duplicate primary keys, and an audience model's rows without an audience,
-    in the ledger (replacing last run's); return their rows."""
-    problems = key_problems(wh, model.name, partition, audience=model.audience is not None)
+    in the ledger (replacing last run's); return their rows. `found`: those the change set of
+    a direct model found, else the snapshot's."""
+    problems = (
+        found
+        if found is not None
+        else key_problems(wh, model.name, partition, audience=model.audience is not None)
+    )
     # One marker per partition: a day's run replaces that day's key problems, not others'.
     marker = KEY_PROBLEM_HASH if partition is None else f"{KEY_PROBLEM_HASH}:{partition}"
     forget_failures(wh, sync.name, marker)

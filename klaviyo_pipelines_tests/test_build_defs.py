@@ -33,7 +33,7 @@ def doc_block(language: str, containing: str) -> str:
 @pytest.fixture
 def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "klaviyo_pipelines.yaml").write_text(doc_block("yaml", "deps:"))
+    (tmp_path / "klaviyo_pipelines.yaml").write_text(doc_block("yaml", "key_prefix: klaviyo"))
     return tmp_path
 
 
@@ -41,7 +41,7 @@ def project(url: str, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
     """docs/dagster.md's user project, run as written against the warehouse at `url`."""
     monkeypatch.setenv("WAREHOUSE_URL", url)
     namespace: dict[str, Any] = {}
-    exec(doc_block("python", "dg.Definitions.merge"), namespace)
+    exec(doc_block("python", "CREATE TABLE analytics.customers"), namespace)
     return namespace["defs"]
 
 
@@ -95,7 +95,9 @@ def test_the_upstream_materializing_requests_the_snapshot_and_sync_which_deliver
 
     snapshot = instance.get_latest_materialization_event(SNAPSHOT).asset_materialization.metadata
     assert snapshot["dagster/row_count"].value == 2
-    assert snapshot["dagster/table_name"].value == "klaviyo_sync.snapshot__customers"
+    # a plain table is read where it is (`snapshot: direct`): the asset names it, copies nothing
+    assert snapshot["dagster/table_name"].value == "analytics.customers"
+    assert snapshot["warehouse/snapshot"].value == "direct"
     columns = [c.name for c in snapshot["dagster/column_schema"].value.columns]
     assert columns[:3] == ["customer_id", "email", "first_name"]
     sync = instance.get_latest_materialization_event(SYNC).asset_materialization.metadata

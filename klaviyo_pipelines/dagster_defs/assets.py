@@ -105,7 +105,9 @@ def build_snapshot_asset(
         finally:
             wh.dispose()
         return dg.MaterializeResult(
-            metadata=snapshot_metadata(stats, partition, table, columns),
+            # "direct": the table is the model's own, read by each change set, never copied
+            metadata=snapshot_metadata(stats, partition, table, columns)
+            | {"warehouse/snapshot": model.snapshot},
             check_results=[
                 dg.AssetCheckResult(
                     check_name=PRIMARY_KEY_CHECK,
@@ -122,17 +124,21 @@ def build_snapshot_asset(
 def _snapshot_columns(
     context: dg.AssetExecutionContext, wh: Warehouse, model: ModelSpec
 ) -> tuple[str, list[tuple[str, str]]]:
-    """The snapshot table's name and its columns' types from `information_schema` (SQLAlchemy's
-    reflection fails on DuckDB). Where the engine cannot say, the run goes on without them."""
-    name = wh.fit(snapshot_table(model.name))
+    """The snapshot table's name (a direct model's own table) and its columns' types from
+    `information_schema` (SQLAlchemy's reflection fails on DuckDB). Where the engine cannot
+    say, the run goes on without them."""
+    schema, name = wh.state_schema, wh.fit(snapshot_table(model.name))
+    if model.snapshot == "direct" and model.table is not None:
+        schema, _, name = model.table.rpartition(".")
     try:
         with wh.connect(f"reading the column types of the snapshot of {model.name!r}") as conn:
-            columns = conn.execute(COLUMN_TYPES, {"schema": wh.state_schema, "table": name})
+            schema = schema or str(sa.inspect(conn).default_schema_name)
+            columns = conn.execute(COLUMN_TYPES, {"schema": schema, "table": name})
             types = [(column, str(type_)) for column, type_ in columns]
     except WarehouseError as exc:
         context.log.warning(f"no column schema recorded: {exc}")
         types = []
-    return f"{wh.state_schema}.{name}", types
+    return (f"{schema}.{name}" if schema else name), types
 
 
 def build_sync_asset(

@@ -18,10 +18,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from klaviyo_pipelines.actions.registry import ChangeKind
-from klaviyo_pipelines.config import SyncSpec
+from klaviyo_pipelines.config import ModelSpec, SyncSpec
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.errors import engine_message, warehouse_step
-from klaviyo_pipelines.warehouse.snapshot import KEY, PARTITION, bad_keys_table, snapshot_table
+from klaviyo_pipelines.warehouse.snapshot import (
+    KEY,
+    PARTITION,
+    bad_keys_table,
+    resolve_column,
+    snapshot_table,
+)
 from klaviyo_pipelines.warehouse.state import (
     LEDGER,
     FailureKind,
@@ -31,6 +37,7 @@ from klaviyo_pipelines.warehouse.state import (
 )
 
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+MAX_KEY_PROBLEMS = 1000  # NULL / duplicated keys ledgered per run, the most frequent first
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class ChangeSet:
     selected: dict[str, int] = field(default_factory=dict)  # those this run will send
     held_invalid: int = 0  # unchanged rows Klaviyo or we rejected before: not re-sent
     acknowledged: int = 0  # changes of a kind the sync does not act on: recorded, not sent
+    # A direct model's NULL (None, n) and duplicated (key, n) keys, found by this run; None
+    # for a copied model, whose snapshot recorded them (snapshot.key_problems).
+    key_problems: tuple[tuple[str | None, int], ...] | None = None
 
     @property
     def to_send(self) -> int:
@@ -91,6 +101,7 @@ def compute_change_set(
     partition: str | None = None,
     retry_rejected: bool = False,
     acknowledge: bool = True,
+    model: ModelSpec | None = None,
 ) -> ChangeSet:
     """Diff the model's snapshot against the sync's delivered state, inside the warehouse.
 
@@ -103,13 +114,16 @@ def compute_change_set(
     Changes of a kind the sync does not act on are recorded in the state at once without
     sending, so that the state follows the model: a sync `on: [deleted]` then knows every
     row that may later leave it.
+
+    A `snapshot: direct` model (`model`) is read where it is, once (`_direct_diff`).
     """
     snap, state = wh.table(snapshot_table(sync.model)), wh.table(state_table(sync.name))
-    bad = wh.table(bad_keys_table(sync.model))
     ledger, table = wh.table(LEDGER), wh.table(changes_table(sync.name, partition))
-    # A scratch table of this run's: concurrent runs never share it (see Warehouse.scratch).
-    diff = wh.scratch("kp_diff", f"{sync.name}\x1f{partition or ''}")
-    text = wh.sql.cast_text
+    direct = model is not None and model.snapshot == "direct"
+    assert not (direct and partition), "config.py keeps partitioned models copied"
+    # Scratch tables of this run's: concurrent runs never share them (see Warehouse.scratch).
+    owner = f"{sync.name}\x1f{partition or ''}"
+    diff = wh.scratch("kp_diff", owner)
     selected_kinds = ", ".join(f"'{kind.value}'" for kind in sync.on)  # enum values, not input
     invalid = (  # rows rejected as invalid before, under the hash they had then
         f"SELECT row_key, row_hash FROM {ledger} "
@@ -123,8 +137,6 @@ def compute_change_set(
             f"LEFT JOIN ({invalid}) AS l ON l.row_key = d.{KEY} AND l.row_hash = d._kp_hash",
         )
     )
-    in_snapshot = f"s.{PARTITION} = :partition AND " if partition else ""
-    in_state = "st.partition_key = :partition AND " if partition else ""
     params = {"fingerprint": fingerprint, "sync": sync.name, "partition": partition}
     ensure_tables(wh, sync.name)
     with wh.begin(f"change set of sync {sync.name!r}") as conn:
@@ -132,42 +144,21 @@ def compute_change_set(
             conn.execute(sa.text(statement))
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
         conn.execute(sa.text(wh.sql.drop_scratch(diff)))  # a pooled session keeps its own
-        # Keys and hashes only, one join per statement: each holds one large hash table, so
-        # DuckDB stays within its memory limit (both joins in one statement ran out of 1 GB
-        # at 10M rows), and carrying every column made it hash the whole snapshot.
-        conn.execute(
-            sa.text(
-                wh.sql.create_scratch_as(
-                    diff,
-                    f"""
-                WITH snap AS (
-                    SELECT s.{KEY}, s.{PARTITION}, {sync_hash_sql(wh, columns, "s")} AS h
-                    FROM {snap} AS s
-                    WHERE {in_snapshot} s.{KEY} IS NOT NULL AND NOT EXISTS (
-                        SELECT 1 FROM {bad} AS b WHERE b.{KEY} = s.{KEY})
-                )
-                SELECT s.{KEY}, {text("s.h")} AS _kp_hash, s.{PARTITION},
-                    CASE WHEN st.row_key IS NULL THEN 'added' ELSE 'updated' END AS _kp_kind
-                FROM snap AS s LEFT JOIN {state} AS st ON st.row_key = s.{KEY}
-                WHERE st.row_key IS NULL OR st.row_hash <> {text("s.h")}
-                """,
-                )
-            ),
-            params,
-        )
-        conn.execute(
-            sa.text(
-                f"""
-                INSERT INTO {diff} ({KEY}, _kp_hash, {PARTITION}, _kp_kind)
-                SELECT st.row_key, st.row_hash, st.partition_key, 'deleted'
-                FROM {state} AS st
-                WHERE {in_state} NOT EXISTS (SELECT 1 FROM {snap} AS a WHERE a.{KEY} = st.row_key)
-                """
-            ),
-            params,
-        )
+        problems: tuple[tuple[str | None, int], ...] | None = None
+        if direct:
+            assert model is not None
+            problems = _direct_diff(wh, conn, model, columns, diff, state, owner, params)
+            values, value_join = ", ".join(f"d.{wh.quote(c)}" for c in columns), ""
+        else:
+            _copied_diff(wh, conn, columns, diff, sync.model, state, partition, params)
+            values = ", ".join(f"s.{wh.quote(c)}" for c in columns)
+            value_join = (
+                f"LEFT JOIN {snap} AS s ON s.{KEY} = d.{KEY} AND d._kp_kind <> 'deleted'"
+                + (f" AND s.{PARTITION} = :partition" if partition else "")
+            )
         # Then the rows to send are numbered and fetch their values by key: the model's
-        # columns from the snapshot, and a deleted row's last JSON from the state.
+        # columns from the snapshot (a direct model's diff holds them already), and a deleted
+        # row's last JSON from the state.
         conn.execute(
             sa.text(
                 f"""
@@ -184,10 +175,9 @@ def compute_change_set(
                 )
                 SELECT
                     d._kp_seq, d._kp_send, d._kp_held, d._kp_kind, d._kp_hash, d.{KEY}, d.{PARTITION},
-                    st.row_json AS _kp_row_json, {", ".join(f"s.{wh.quote(c)}" for c in columns)}
+                    st.row_json AS _kp_row_json, {values}
                 FROM numbered AS d
-                LEFT JOIN {snap} AS s ON s.{KEY} = d.{KEY} AND d._kp_kind <> 'deleted'
-                    {"AND s." + PARTITION + " = :partition" if partition else ""}
+                {value_join}
                 LEFT JOIN {state} AS st ON st.row_key = d.{KEY} AND d._kp_kind = 'deleted'
                 """
             ),
@@ -212,7 +202,150 @@ def compute_change_set(
                 acknowledged += int(count)
         if acknowledge and acknowledged:  # `plan` only looks; nothing to record costs nothing
             _acknowledge(wh, conn, sync.name, table, columns)
-    return ChangeSet(sync.name, by_kind, selected, held_invalid, acknowledged)
+    return ChangeSet(sync.name, by_kind, selected, held_invalid, acknowledged, problems)
+
+
+def _copied_diff(
+    wh: Warehouse,
+    conn: Connection,
+    columns: Sequence[str],
+    diff: str,
+    model: str,
+    state: str,
+    partition: str | None,
+    params: dict[str, Any],
+) -> None:
+    """Keys, hashes and kinds of the changed rows of a copied model, into `diff`."""
+    snap, bad = wh.table(snapshot_table(model)), wh.table(bad_keys_table(model))
+    in_snapshot = f"s.{PARTITION} = :partition AND " if partition else ""
+    in_state = "st.partition_key = :partition AND " if partition else ""
+    text = wh.sql.cast_text
+    # Keys and hashes only, one join per statement: each holds one large hash table, so
+    # DuckDB stays within its memory limit (both joins in one statement ran out of 1 GB
+    # at 10M rows), and carrying every column made it hash the whole snapshot.
+    conn.execute(
+        sa.text(
+            wh.sql.create_scratch_as(
+                diff,
+                f"""
+            WITH snap AS (
+                SELECT s.{KEY}, s.{PARTITION}, {sync_hash_sql(wh, columns, "s")} AS h
+                FROM {snap} AS s
+                WHERE {in_snapshot} s.{KEY} IS NOT NULL AND NOT EXISTS (
+                    SELECT 1 FROM {bad} AS b WHERE b.{KEY} = s.{KEY})
+            )
+            SELECT s.{KEY}, {text("s.h")} AS _kp_hash, s.{PARTITION},
+                CASE WHEN st.row_key IS NULL THEN 'added' ELSE 'updated' END AS _kp_kind
+            FROM snap AS s LEFT JOIN {state} AS st ON st.row_key = s.{KEY}
+            WHERE st.row_key IS NULL OR st.row_hash <> {text("s.h")}
+            """,
+            )
+        ),
+        params,
+    )
+    conn.execute(
+        sa.text(
+            f"""
+            INSERT INTO {diff} ({KEY}, _kp_hash, {PARTITION}, _kp_kind)
+            SELECT st.row_key, st.row_hash, st.partition_key, 'deleted'
+            FROM {state} AS st
+            WHERE {in_state} NOT EXISTS (SELECT 1 FROM {snap} AS a WHERE a.{KEY} = st.row_key)
+            """
+        ),
+        params,
+    )
+
+
+def _direct_diff(
+    wh: Warehouse,
+    conn: Connection,
+    model: ModelSpec,
+    columns: Sequence[str],
+    diff: str,
+    state: str,
+    owner: str,
+    params: dict[str, Any],
+) -> tuple[tuple[str | None, int], ...]:
+    """The changed rows of a direct model, with their values, into `diff`; returns its NULL
+    and duplicated keys.
+
+    The model is read once, by the first statement: every key with, for a row that differs
+    from the state, its kind, hash and values (NULL elsewhere, which costs next to nothing).
+    Bad keys, additions, updates and deletions are all taken from that table, so the run is
+    consistent with itself however the model changes meanwhile, and the values sent are the
+    ones hashed.
+    """
+    keys, bad = wh.scratch("kp_keys", owner), wh.scratch("kp_bad_keys", owner)
+    all_columns = wh.columns_of_query(conn, wh.model_sql(model), dict(model.sql_params))
+    pk = resolve_column(all_columns, model.primary_key)
+    assert pk is not None  # check_sync checked it
+    text = wh.sql.cast_text
+    rows = wh.sql.direct_rows(wh.model_sql(model), pk, columns, KEY)
+    hashed = wh.sql.computed_once(
+        f"SELECT s.*, {sync_hash_sql(wh, columns, 's')} AS _kp_hash FROM ({rows}) AS s"
+    )
+    changed = f"(st.row_key IS NULL OR st.row_hash <> {text('r._kp_hash')})"
+    kept = "".join(
+        f", CASE WHEN {changed} THEN r.{wh.quote(c)} END AS {wh.quote(c)}" for c in columns
+    )
+    for scratch in (keys, bad):
+        conn.execute(sa.text(wh.sql.drop_scratch(scratch)))
+    conn.execute(
+        sa.text(
+            wh.sql.create_scratch_as(
+                keys,
+                f"""
+            SELECT r.{KEY},
+                CASE WHEN st.row_key IS NULL THEN 'added'
+                    WHEN st.row_hash <> {text("r._kp_hash")} THEN 'updated' END AS _kp_kind,
+                CASE WHEN {changed} THEN {text("r._kp_hash")} END AS _kp_hash{kept}
+            FROM ({hashed}) AS r LEFT JOIN {state} AS st ON st.row_key = r.{KEY}
+            """,
+            )
+        ),
+        {**params, **model.sql_params},
+    )
+    if index := wh.sql.index(keys, [KEY], "kp_keys_key"):  # MySQL: else a scan per state row
+        conn.execute(sa.text(index))
+    conn.execute(
+        sa.text(
+            wh.sql.create_scratch_as(
+                bad,
+                f"SELECT k.{KEY}, count(*) AS n FROM {keys} AS k GROUP BY k.{KEY} "
+                f"HAVING k.{KEY} IS NULL OR count(*) > 1",
+            )
+        )
+    )
+    if index := wh.sql.index(bad, [KEY], "kp_bad_keys_key"):
+        conn.execute(sa.text(index))
+    conn.execute(
+        sa.text(
+            wh.sql.create_scratch_as(
+                diff,
+                f"SELECT k.{KEY}, k._kp_hash, {text('NULL')} AS {PARTITION}, k._kp_kind"
+                + "".join(f", k.{wh.quote(c)}" for c in columns)
+                + f" FROM {keys} AS k WHERE k._kp_kind IS NOT NULL AND k.{KEY} IS NOT NULL "
+                f"AND NOT EXISTS (SELECT 1 FROM {bad} AS b WHERE b.{KEY} = k.{KEY})",
+            )
+        )
+    )
+    conn.execute(
+        sa.text(
+            f"""
+            INSERT INTO {diff} ({KEY}, _kp_hash, {PARTITION}, _kp_kind)
+            SELECT st.row_key, st.row_hash, st.partition_key, 'deleted'
+            FROM {state} AS st
+            WHERE NOT EXISTS (SELECT 1 FROM {keys} AS a WHERE a.{KEY} = st.row_key)
+            """
+        )
+    )
+    problems = conn.execute(
+        sa.text(f"SELECT {KEY}, n FROM {bad} ORDER BY n DESC, {KEY} LIMIT :limit"),
+        {"limit": MAX_KEY_PROBLEMS},
+    ).all()
+    for scratch in (keys, bad):
+        conn.execute(sa.text(wh.sql.drop_scratch(scratch)))
+    return tuple((key, int(n)) for key, n in problems)
 
 
 def _acknowledge(

@@ -101,6 +101,18 @@ class WarehouseDialect:
         """A JSON text object of `alias`'s columns, keyed by column name."""
         raise NotImplementedError(f"{self.name} has no JSON object constructor")
 
+    def direct_rows(self, model_sql: str, key: str, columns: Sequence[str], key_as: str) -> str:
+        """A model read where it is (`snapshot: direct`): the columns a sync reads and the
+        primary key as text, as a derived table's query, never a view of ours over the user's
+        table (a dependent view would block their DROP TABLE, or vanish in a CASCADE)."""
+        listed = "".join(f", m.{self.quote(c)}" for c in columns)
+        return f"SELECT {self.cast_key(f'm.{self.quote(key)}')} AS {key_as}{listed} FROM ({model_sql}) AS m"
+
+    def computed_once(self, select: str) -> str:
+        """`select`, for a derived table whose expressions are computed once per row rather
+        than copied into each use of them above it."""
+        return select
+
     def order_desc_nulls_last(self, expr: str) -> str:
         return f"{expr} DESC NULLS LAST"
 

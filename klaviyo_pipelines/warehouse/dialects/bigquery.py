@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+
 from klaviyo_pipelines.warehouse.dialects.base import WarehouseDialect
 
 
@@ -16,6 +18,12 @@ class BigQueryDialect(WarehouseDialect):
     text_cast = "STRING"
     timestamp_cast = "DATETIME"
     session_temp_tables = False
+
+    def literal(self, text: str) -> str:
+        # With backslash escapes, as the dialect writes them: in '\\' the backslash escapes
+        # the quote, and 'a''b' is two adjacent literals, which BigQuery refuses.
+        literal = sa.literal(text, sa.String())
+        return str(literal.compile(dialect=self.sa_dialect, compile_kwargs={"literal_binds": True}))
 
     def concat(self, *parts: str) -> str:
         return f"CONCAT({', '.join(parts)})"

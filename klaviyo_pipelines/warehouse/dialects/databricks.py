@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+
 from klaviyo_pipelines.warehouse.dialects.base import WarehouseDialect
 
 
@@ -14,7 +16,16 @@ class DatabricksDialect(WarehouseDialect):
     extra = "databricks"
     max_identifier_length = 255
     text_cast = "STRING"
+    # The type databricks-sqlalchemy gives our DateTime columns: a cast to TIMESTAMP would
+    # read the value in the session's time zone, then convert it back to store it.
+    timestamp_cast = "TIMESTAMP_NTZ"
     session_temp_tables = False
+
+    def literal(self, text: str) -> str:
+        # With backslash escapes, as the dialect writes them: in '\\' the backslash escapes
+        # the quote, and 'a''b' is two adjacent literals, which Spark SQL joins into 'ab'.
+        literal = sa.literal(text, sa.String())
+        return str(literal.compile(dialect=self.sa_dialect, compile_kwargs={"literal_binds": True}))
 
     def concat(self, *parts: str) -> str:
         return f"concat({', '.join(parts)})"

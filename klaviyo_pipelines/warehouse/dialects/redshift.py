@@ -20,6 +20,11 @@ class RedshiftDialect(WarehouseDialect):
     key_type = sa.String(MAX_VARCHAR)
     text_type = sa.String(MAX_VARCHAR)
 
+    def literal(self, text: str) -> str:
+        # A backslash escapes in Redshift's literals (PostgreSQL 8 without standard conforming
+        # strings), so '\\' would open an escape. (sqlalchemy-redshift writes PostgreSQL's.)
+        return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
     def member_hash(self, expr: str) -> str:
         return f"CAST(STRTOL(SUBSTRING(MD5({expr}), 1, 15), 16) AS DECIMAL(38, 0))"
 
