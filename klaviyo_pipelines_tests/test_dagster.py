@@ -45,7 +45,8 @@ def test_definitions_have_snapshot_and_sync_assets_checks_and_schedule(duckdb_ur
     assert graph.get(sync_key("orders_to_klaviyo")).partitions_def is not None
     schedule = defs.resolve_schedule_def("customers_to_klaviyo_schedule")
     assert schedule.cron_schedule == "0 * * * *"
-    assert len(list(graph.asset_check_keys)) == len(config.models) + len(config.syncs)
+    # a key check per snapshot; a rejected-share and a verify check per sync
+    assert len(list(graph.asset_check_keys)) == len(config.models) + 2 * len(config.syncs)
 
 
 def test_materialize_records_metadata_and_checks_and_never_the_key(

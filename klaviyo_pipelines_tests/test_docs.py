@@ -51,7 +51,7 @@ PROBE_BASE: dict[str, Any] = {
         },
         "aud": {"table": "analytics.customers", "primary_key": "customer_id"},
     },
-    "syncs": {"s": {"model": "days", "action": "track_event", "retry": {}}},
+    "syncs": {"s": {"model": "days", "action": "track_event", "retry": {}, "verify": {}}},
 }
 # Where each level sits in PROBE_BASE, and how configuration.md writes its keys.
 LEVELS = {
@@ -63,6 +63,7 @@ LEVELS = {
     ("models", "aud", "audience"): "models.<model>.audience.",
     ("syncs", "s"): "syncs.<sync>.",
     ("syncs", "s", "retry"): "syncs.<sync>.retry.",
+    ("syncs", "s", "verify"): "syncs.<sync>.verify.",
 }
 # Settings without which an action refuses a config before looking at the rest.
 REQUIRED_SETTINGS = {"remove_profile": {"list_id": "L1"}, "track_event": {"metric_name": "M"}}
@@ -175,6 +176,9 @@ DEFAULT_OF = {
     "syncs.<sync>.retry.max_retries": lambda c: c.syncs["s"].retry.max_retries,
     "syncs.<sync>.retry.delay_seconds": lambda c: c.syncs["s"].retry.delay_seconds,
     "syncs.<sync>.max_rejected_share": lambda c: c.syncs["s"].max_rejected_share,
+    "syncs.<sync>.verify.sample": lambda c: c.syncs["s"].verify.sample,
+    "syncs.<sync>.verify.severity": lambda c: c.syncs["s"].verify.severity,
+    "syncs.<sync>.verify.max_drift_share": lambda c: c.syncs["s"].verify.max_drift_share,
 }
 
 

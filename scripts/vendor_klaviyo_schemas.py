@@ -29,7 +29,7 @@ SOURCE_REPOSITORY = "https://github.com/klaviyo/openapi"
 SOURCE_PATH = "openapi/stable.json"
 FALLBACK_COMMIT = "f0a30ba41254904dc410d84ca497df68f8872276"
 
-# The operations the sandbox implements. Phase 1 then phase 2 (events, consent).
+# The operations the sandbox implements. Phase 1, phase 2 (events, consent), then verify's reads.
 OPERATION_IDS: tuple[str, ...] = (
     "get_accounts",
     "get_profiles",
@@ -56,6 +56,8 @@ OPERATION_IDS: tuple[str, ...] = (
     "bulk_create_events",
     "bulk_subscribe_profiles",
     "bulk_unsubscribe_profiles",
+    "get_events",  # reading back for `verify`
+    "get_metrics",
 )
 
 # Annotation keywords that cost bytes and validate nothing.

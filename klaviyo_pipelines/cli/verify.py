@@ -1,8 +1,8 @@
 """`verify`: read Klaviyo back and report where it drifted from what each sync delivered.
 
 Reads only (Klaviyo's read endpoints, the delivery state), unless `--repair`: then the drifted
-rows' delivery is forgotten, so the next sync sends them again. Exit 0 in step, 1 drift found,
-2 a configuration error.
+rows' delivery is forgotten, so the next sync sends them again, and extra members leave the
+lists a sync owns. Exit 0 in step, 1 drift found, 2 a configuration error.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def add_verify_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--repair",
         action="store_true",
-        help="forget the drifted rows' delivery, so the next sync sends them again",
+        help="forget the drifted rows' delivery, so the next sync sends them again, and take "
+        "extra members out of the lists a sync owns",
     )
 
 
@@ -59,7 +60,7 @@ def verify(args: argparse.Namespace) -> int:
         ) as client:
             for name in names:
                 if args.all and not wants_json(args):
-                    seconds = estimated_seconds(wh, name)
+                    seconds = estimated_seconds(config, wh, name)
                     error_console.print(f"{escape(name)}: about {seconds:,.0f} s of lookups")
                 report = verify_sync(
                     config, name, wh, client, sample=sample, seed=args.seed, repair=args.repair
@@ -94,10 +95,9 @@ def _print(reports: dict[str, dict[str, Any]]) -> None:
         for reason, count in report["unchecked"].items():
             console.print(f"{escape(name)}: {count:,} not checked: {escape(reason)}")
         for drift in report["samples"]:
+            shown = drift["warehouse"] is not None or drift["klaviyo"] is not None
             values = (
-                f": warehouse {drift['warehouse']!r}, Klaviyo {drift['klaviyo']!r}"
-                if drift["kind"] == "different"
-                else ""
+                f": warehouse {drift['warehouse']!r}, Klaviyo {drift['klaviyo']!r}" if shown else ""
             )
             where = f" {drift['field']}" if drift["field"] else ""
             console.print(

@@ -23,6 +23,7 @@ from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
 from klaviyo_pipelines.dagster_defs.assets import partitions_of
 from klaviyo_pipelines.dagster_defs.resources import ResourceKeys, WarehouseResource
 from klaviyo_pipelines.dagster_defs.translator import KlaviyoTranslator, snapshot_spec, sync_spec
+from klaviyo_pipelines.dagster_defs.verify_check import without_verify
 from klaviyo_pipelines.warehouse.audiences import AudienceStatus, audience_statuses
 
 RUN_KEY_TAG = "dagster/run_key"
@@ -44,14 +45,16 @@ def audience_syncs(config: Config, model: ModelSpec) -> list[SyncSpec]:
 def audience_selection(
     config: Config, model: ModelSpec, translator: KlaviyoTranslator | None = None
 ) -> dg.AssetSelection:
-    """What one audience's run materializes: the snapshot and every sync of the model."""
+    """What one audience's run materializes: the snapshot and every sync of the model (their
+    verify checks run apart)."""
     translator = translator or KlaviyoTranslator()
     syncs = audience_syncs(config, model)
     models = dict.fromkeys([model.name, *(m for s in syncs for m in s.extra_models)])
-    return dg.AssetSelection.assets(
-        *(snapshot_spec(translator, config, config.models[m]).key for m in models),
-        *(sync_spec(translator, config, s).key for s in syncs),
+    sync_keys = [sync_spec(translator, config, s).key for s in syncs]
+    selection = dg.AssetSelection.assets(
+        *(snapshot_spec(translator, config, config.models[m]).key for m in models), *sync_keys
     )
+    return without_verify(selection, sync_keys)
 
 
 def sensor_name(model: ModelSpec) -> str:

@@ -1,9 +1,10 @@
 """`build_defs`: a config's Dagster definitions, to serve alone or merge into a user's project.
 
 Nothing here reads a config until called. The result holds the snapshot and sync assets with
-their checks, the syncs' schedules, the audience sensors and our two resources under
-prefixed keys (`klaviyo_warehouse`, `klaviyo_api`), and no executor unless one is given, so
-`dg.Definitions.merge` with the user's own definitions never clashes.
+their checks (each sync's `verify` among them), the syncs' schedules and verify schedules, the
+audience sensors and our two resources under prefixed keys (`klaviyo_warehouse`,
+`klaviyo_api`), and no executor unless one is given, so `dg.Definitions.merge` with the
+user's own definitions never clashes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from klaviyo_pipelines.dagster_defs.resources import (
     WarehouseResource,
 )
 from klaviyo_pipelines.dagster_defs.translator import KlaviyoTranslator, snapshot_spec, sync_spec
+from klaviyo_pipelines.dagster_defs.verify_check import (
+    build_verify_check,
+    build_verify_schedule,
+    without_verify,
+)
 from klaviyo_pipelines.progress import SyncObserver
 
 
@@ -47,6 +53,11 @@ def build_defs(
     translator = translator or KlaviyoTranslator()
     keys = ResourceKeys.with_prefix(resource_prefix)
     schedules = [build_schedule(config, s, translator) for s in config.syncs.values() if s.schedule]
+    schedules += [
+        build_verify_schedule(s, sync_spec(translator, config, s).key)
+        for s in config.syncs.values()
+        if s.verify.schedule
+    ]
     sensors = [
         build_audience_sensor(config, m, translator, keys)
         for m in config.models.values()
@@ -93,6 +104,8 @@ def build_assets(
     resource_prefix: str = DEFAULT_RESOURCE_PREFIX,
     progress: SyncObserver | None = None,
 ) -> list[dg.AssetsDefinition]:
+    """The snapshots, the syncs and each sync's `verify` check (a check definition is an
+    `AssetsDefinition` too: whoever materializes these can select or leave out the check)."""
     translator = translator or KlaviyoTranslator()
     keys = ResourceKeys.with_prefix(resource_prefix)
     snapshots = [
@@ -103,19 +116,25 @@ def build_assets(
         build_sync_asset(config, s, sync_spec(translator, config, s), keys, progress)
         for s in config.syncs.values()
     ]
-    return snapshots + syncs
+    verify_checks = [
+        build_verify_check(config, s, sync_spec(translator, config, s).key, keys)
+        for s in config.syncs.values()
+    ]
+    return snapshots + syncs + verify_checks
 
 
 def sync_selection(
     config: Config, sync: SyncSpec, translator: KlaviyoTranslator | None = None
 ) -> dg.AssetSelection:
-    """A sync's asset and the snapshots it reads: what one run of the sync materializes."""
+    """A sync's asset and the snapshots it reads: what one run of the sync materializes (its
+    verify check runs apart)."""
     translator = translator or KlaviyoTranslator()
     snapshots = [config.models[m] for m in (sync.model, *sync.extra_models)]
-    return dg.AssetSelection.assets(
-        *(snapshot_spec(translator, config, m).key for m in snapshots),
-        sync_spec(translator, config, sync).key,
+    key = sync_spec(translator, config, sync).key
+    selection = dg.AssetSelection.assets(
+        *(snapshot_spec(translator, config, m).key for m in snapshots), key
     )
+    return without_verify(selection, [key])
 
 
 def build_schedule(

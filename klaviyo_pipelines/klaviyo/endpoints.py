@@ -35,6 +35,9 @@ PROFILE_BULK_IMPORT = EndpointClass(
 PROFILE_BULK_IMPORT_JOBS = EndpointClass("profile_bulk_import_jobs", 10, 150)
 EVENTS = EndpointClass("events", 350, 3500, max_items=1, max_bytes=5 * MB)
 EVENT_BULK_CREATE = EndpointClass("event_bulk_create", 10, 150, max_items=1_000, max_bytes=5 * MB)
+# Reading events and metrics back (`verify`): quotas of their own, never a sync's writes.
+EVENTS_READ = EndpointClass("events_read", 350, 3500)
+METRICS = EndpointClass("metrics", 10, 150)
 LISTS_READ = EndpointClass("lists_read", 75, 750)
 LISTS_WRITE = EndpointClass("lists_write", 10, 150)
 LIST_MEMBERSHIP = EndpointClass("list_membership", 10, 150, max_items=1_000)
@@ -53,7 +56,9 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], EndpointClass], ...] = tuple(
         ("*", r"^/api/profiles/?$", PROFILES),
         ("*", r"^/api/profiles/[^/]+/?$", PROFILES),
         ("*", r"^/api/profile-import/?$", PROFILES),
+        ("GET", r"^/api/events/?$", EVENTS_READ),
         ("*", r"^/api/events/?$", EVENTS),
+        ("GET", r"^/api/metrics(/.*)?$", METRICS),
         ("*", r"^/api/event-bulk-create-jobs/?$", EVENT_BULK_CREATE),
         ("GET", r"^/api/lists(/.*)?$", LISTS_READ),
         ("*", r"^/api/lists/[^/]+/relationships/profiles/?$", LIST_MEMBERSHIP),

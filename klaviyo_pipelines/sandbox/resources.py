@@ -12,8 +12,10 @@ from klaviyo_pipelines.sandbox.state import (
     LOCATION_FIELDS,
     SCALAR_FIELDS,
     BulkImportJob,
+    Event,
     ImportErrorRecord,
     KList,
+    Metric,
     Profile,
     SandboxState,
     iso,
@@ -95,6 +97,45 @@ def list_resource(klist: KList, base_url: str) -> dict[str, Any]:
             },
         },
         "links": {"self": url},
+    }
+
+
+def event_resource(
+    event: Event, metric: Metric, base_url: str, fields: set[str] | None = None
+) -> dict[str, Any]:
+    """An event as `GET /api/events` returns it: no unique_id among its attributes (Klaviyo's
+    schema has none), its time as `timestamp` and `datetime`, its profile and metric related."""
+    attributes: dict[str, Any] = {
+        "timestamp": int(event.time.timestamp()),
+        "event_properties": dict(event.properties),
+        "datetime": iso(event.time),
+        "uuid": event.id,
+    }
+    if fields:
+        attributes = {k: v for k, v in attributes.items() if k in fields}
+    return {
+        "type": "event",
+        "id": event.id,
+        "attributes": attributes,
+        "relationships": {
+            "profile": {"data": identifier("profile", event.profile_id)},
+            "metric": {"data": identifier("metric", metric.id)},
+        },
+        "links": {"self": f"{base_url}/api/events/{event.id}/"},
+    }
+
+
+def metric_resource(metric: Metric, base_url: str) -> dict[str, Any]:
+    return {
+        "type": "metric",
+        "id": metric.id,
+        "attributes": {
+            "name": metric.name,
+            "created": iso(metric.created),
+            "updated": iso(metric.created),
+            "integration": {"name": "API", "category": "API"},
+        },
+        "links": {"self": f"{base_url}/api/metrics/{metric.id}/"},
     }
 
 

@@ -1,4 +1,5 @@
-"""The emulated Klaviyo account: profiles, lists, memberships, events, consent, jobs, request log.
+"""The emulated Klaviyo account: profiles, lists, memberships, events and their metrics, consent,
+jobs, request log.
 
 Why a separate module: tests inspect this object directly (``sb.state.profiles``, ``find_profile``,
 ``list_members``, ``requests``) to assert what actually reached "Klaviyo", so it must be plain data
@@ -146,6 +147,15 @@ class Event:
 
 
 @dataclass
+class Metric:
+    """A metric, created by its first event: events name metrics, reads filter by their id."""
+
+    id: str
+    name: str
+    created: datetime
+
+
+@dataclass
 class Subscription:
     """Consent of one profile on one channel, e.g. ``email.marketing`` -> ``SUBSCRIBED``."""
 
@@ -191,6 +201,7 @@ class SandboxState:
         self.lists: dict[str, KList] = {}
         self.memberships: dict[str, dict[str, datetime]] = {}
         self.events: list[Event] = []
+        self.metrics: dict[str, Metric] = {}  # by name
         self.subscriptions: dict[str, dict[str, Subscription]] = {}
         self.jobs: dict[str, BulkImportJob] = {}
         self.requests: list[RequestRecord] = []
@@ -433,12 +444,31 @@ class SandboxState:
                 return False
             self._event_keys.add(key)
             self.events.append(event)
+            if event.metric not in self.metrics:
+                taken = {metric.id for metric in self.metrics.values()}
+                metric_id = new_list_id()
+                while metric_id in taken:
+                    metric_id = new_list_id()
+                self.metrics[event.metric] = Metric(metric_id, event.metric, utcnow())
             profile = self.profiles.get(event.profile_id)
             if profile and (
                 profile.last_event_date is None or event.time > profile.last_event_date
             ):
                 profile.last_event_date = event.time
             return True
+
+    def delete_events(self, metric: str, unique_ids: Iterable[str]) -> int:
+        """Make events as if Klaviyo never stored them (for tests of drift behind the
+        project's back): gone, and their dedup keys too, so sending them again records them."""
+        wanted = set(unique_ids)
+        with self.lock:
+            gone = [e for e in self.events if e.metric == metric and e.unique_id in wanted]
+            for event in gone:
+                self.events.remove(event)
+                self._event_keys.discard(
+                    self.event_key(event.profile_id, event.metric, event.unique_id, event.time)
+                )
+            return len(gone)
 
     # ---- consent -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from klaviyo_pipelines.sandbox.operations import (
     bulk_import,
     events,
     lists,
+    metrics,
     profiles,
     subscriptions,
 )
@@ -18,6 +19,7 @@ HANDLERS: dict[str, Handler] = {
     **lists.HANDLERS,
     **bulk_import.HANDLERS,
     **events.HANDLERS,
+    **metrics.HANDLERS,
     **subscriptions.HANDLERS,
 }
 
