@@ -4,9 +4,14 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 # The Snowflake emulator (fakesnow) needs SQLAlchemy 2.0 and connector 4.x: its own venv.
 SNOWFLAKE_BIN := .venv-snowflake/bin
+# The lowest Dagster pyproject.toml allows (constraints/dagster-lowest.txt): its own venv, for
+# the tests that touch Dagster's API, so the range's floor is tested and not only the newest.
+LOWEST_BIN := .venv-dagster-lowest/bin
+DAGSTER_TESTS := $(addprefix klaviyo_pipelines_tests/,test_build_defs.py test_dagster.py \
+	test_component.py test_dbt_lineage.py test_pool.py)
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo test test-snowflake ui lint bench
+.PHONY: demo test test-snowflake test-dagster-lowest ui lint bench
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +35,20 @@ $(SNOWFLAKE_BIN)/.installed: pyproject.toml constraints/snowflake.txt
 		-c constraints/snowflake.txt
 	touch $@
 
-test: $(BIN)/.installed test-snowflake
+$(LOWEST_BIN)/.installed: pyproject.toml constraints/dagster-lowest.txt
+	test -x $(LOWEST_BIN)/python || $(PYTHON) -m venv .venv-dagster-lowest
+	$(LOWEST_BIN)/python -m pip install --quiet --upgrade pip
+	$(LOWEST_BIN)/python -m pip install --quiet -e '.[dev]' -c constraints/dagster-lowest.txt
+	touch $@
+
+test: $(BIN)/.installed test-snowflake test-dagster-lowest
 	env -u DAGSTER_HOME $(BIN)/pytest -m "not snowflake"
 
 test-snowflake: $(SNOWFLAKE_BIN)/.installed
 	env -u DAGSTER_HOME $(SNOWFLAKE_BIN)/pytest -m snowflake
+
+test-dagster-lowest: $(LOWEST_BIN)/.installed
+	env -u DAGSTER_HOME $(LOWEST_BIN)/pytest -m "not snowflake" $(DAGSTER_TESTS)
 
 ui: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh
@@ -48,3 +62,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/delivery.py
 	$(BIN)/python bench/client_cpu.py
 	$(BIN)/python bench/first_sync_memory.py --rows 100000 1000000
+	$(BIN)/python bench/verify.py
