@@ -44,7 +44,7 @@ from typing import Any
 import shop_data
 
 REPO = Path(__file__).resolve().parent.parent
-BEFORE = "7808b4e"  # the actions before they were optimised for issue #6
+BEFORE = "bb369e2"  # the phone validation before its fast path (issue #15)
 
 
 @dataclass(frozen=True)

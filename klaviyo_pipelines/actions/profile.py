@@ -11,11 +11,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import phonenumbers
 
+from klaviyo_pipelines.actions.phone import e164
 from klaviyo_pipelines.actions.values import json_value
 from klaviyo_pipelines.config import ConfigError, SyncSpec
 from klaviyo_pipelines.warehouse.snapshot import resolve_column
@@ -37,7 +37,6 @@ LOCATION_FIELDS = (
 MAX_EXTERNAL_ID = 255
 _IDENTIFIER_SET = frozenset(IDENTIFIERS)
 _COORDINATES = frozenset({"latitude", "longitude"})
-PHONE_CACHE_SIZE = 65_536  # distinct raw phone numbers remembered, 15 to 20 MB at most
 
 # Deliberately strict: one @, a dotted domain, a TLD of 2+ letters (Klaviyo refuses `a@b.c`),
 # and no dot leading, trailing or doubled in the local part (Klaviyo refuses `a.@b.co`).
@@ -219,28 +218,15 @@ def normalise_email(value: Any) -> str:
 
 
 def normalise_phone(value: Any, country: str | None) -> str:
-    """E.164 via libphonenumber; unlike Segment, a '+' number must also be a real number."""
+    """E.164 with libphonenumber's verdict (`phone.e164`); unlike Segment, a '+' number must
+    also be a real number."""
     text = str(value).strip()
     plus = text.startswith("+")
-    e164 = _e164(text, None if plus else country)
-    if e164 is None:
+    number = e164(text, None if plus else country)
+    if number is None:
         hint = "" if plus or country else " (no country_code to read it with)"
         raise InvalidRow("phone_number", f"{text!r} cannot be converted to E.164{hint}")
-    return e164
-
-
-@lru_cache(maxsize=PHONE_CACHE_SIZE)
-def _e164(text: str, country: str | None) -> str | None:
-    """The number in E.164, None if it is not a valid one. Cached by raw value because parsing
-    and validating take about 50 µs, and warehouses repeat numbers: all of a customer's events
-    carry theirs. Bounded, so a sync of distinct numbers holds a few MB at most."""
-    try:
-        parsed = phonenumbers.parse(text, country)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    return number
 
 
 def profile_attributes(mapping: ProfileMapping, values: Mapping[str, Any]) -> dict[str, Any]:
