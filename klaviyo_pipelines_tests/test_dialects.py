@@ -35,17 +35,6 @@ DIALECT_URLS = {
     "databricks": "databricks://token@host",
 }
 EXPERIMENTAL = list(DIALECT_URLS)
-SQLGLOT_NAMES: dict[str, str] = {}  # sqlglot's name of an engine, where not ours: none now
-# What the real compilers found outside the modules of these engines, reported and not yet
-# fixed: each engine's statements that sqlglot cannot parse, told by a piece of their text.
-# The test fails once one parses, so that the entry goes with the fix.
-KNOWN_UNPARSABLE = {
-    # snowflake.py's literal() doubles quotes only; Snowflake reads a backslash as an escape,
-    # so the audience key's replace(x, '\', '\\') opens a literal it never closes.
-    "snowflake": "'\\', '\\\\'",
-    # audiences.py's sensor query: BigQuery wants UNION DISTINCT or UNION ALL, never UNION.
-    "bigquery": " UNION SELECT",
-}
 # Every column of every model below: the recorder answers each "which columns" query with it.
 MODEL_COLUMNS = ["customer_id", "email", "view_id", "viewed_at", "segment", "event", "received_at"]
 
@@ -237,15 +226,11 @@ def test_every_statement_compiles_and_parses_for_the_engine(engine, monkeypatch)
     assert "kp_diff" in joined and "_kp_seq" in joined  # the change set ...
     assert wh.sql.row_json(["customer_id", "email"], "c") in joined  # ... acknowledged rows
     assert wh.sql.member_hash("x.k") in joined  # the audience sensor
-    known = KNOWN_UNPARSABLE.get(engine)
     for statement in statements:
         try:
             understood(statement, engine)
         except sqlglot.errors.SqlglotError as exc:
-            if not (known and known in statement):
-                pytest.fail(f"{engine} cannot parse:\n{statement}\n{exc}")
-        else:
-            assert not (known and known in statement), f"{engine} parses, drop {known!r}"
+            pytest.fail(f"{engine} cannot parse:\n{statement}\n{exc}")
 
 
 @pytest.mark.parametrize("engine", ["bigquery", "redshift", "databricks"])

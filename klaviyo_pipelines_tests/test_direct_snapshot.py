@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-import sqlglot
 
 from klaviyo_pipelines.config import Config, ConfigError, parse_config
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
@@ -24,7 +23,7 @@ from klaviyo_pipelines.warehouse.state import (
     ledger_entries,
 )
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY, state_schema_for
-from klaviyo_pipelines_tests.test_dialects import EXPERIMENTAL, SQLGLOT_NAMES, warehouse_for
+from klaviyo_pipelines_tests.test_dialects import EXPERIMENTAL, understood, warehouse_for
 from klaviyo_pipelines_tests.test_warehouses import (
     NEWSLETTER,
     customer,
@@ -318,7 +317,7 @@ def test_direct_change_set_statements_parse_for_every_engine(engine, monkeypatch
     joined = "\n".join(recorder.statements)
     assert "kp_keys" in joined and "snapshot__" not in joined
     for statement in recorder.statements:
-        sqlglot.parse(statement, read=SQLGLOT_NAMES.get(engine, engine))
+        understood(statement, engine)
 
 
 def test_nothing_of_ours_depends_on_the_users_table_in_postgresql(postgres_url, sandbox):

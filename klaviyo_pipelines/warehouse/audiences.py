@@ -180,7 +180,7 @@ def audience_statuses(
         for i, table in enumerate(states):
             source = f"SELECT partition_key AS a, row_key AS k FROM {table}" if table else empty
             ctes.append(f"st{i} AS ({source})")
-        union = " UNION ".join(
+        union = f" {wh.sql.union_distinct} ".join(
             ["SELECT a FROM live", *(f"SELECT a FROM st{i}" for i in range(len(states)))]
         )
         bounded = f" LIMIT {int(limit)}" if limit else ""

@@ -28,6 +28,7 @@ class WarehouseDialect:
     timestamp_cast = "TIMESTAMP"
     session_temp_tables = True  # CREATE TEMPORARY TABLE lives as long as the connection
     supports_indexes = False
+    union_distinct = "UNION"  # BigQuery insists on saying DISTINCT
     # DDL for our own tables: SQLAlchemy types compile per dialect.
     key_type: sa.types.TypeEngine = sa.String()  # row keys, joined and compared exactly
     text_type: sa.types.TypeEngine = sa.Text()  # long text: row JSON, reasons, reports

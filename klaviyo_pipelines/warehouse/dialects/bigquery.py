@@ -18,6 +18,7 @@ class BigQueryDialect(WarehouseDialect):
     text_cast = "STRING"
     timestamp_cast = "DATETIME"
     session_temp_tables = False
+    union_distinct = "UNION DISTINCT"
 
     def literal(self, text: str) -> str:
         # With backslash escapes, as the dialect writes them: in '\\' the backslash escapes

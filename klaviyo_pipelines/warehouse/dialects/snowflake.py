@@ -16,6 +16,10 @@ class SnowflakeDialect(WarehouseDialect):
     max_identifier_length = 255
     timestamp_cast = "TIMESTAMP_NTZ"
 
+    def literal(self, text: str) -> str:
+        # A backslash escapes in Snowflake's literals: '\\' would open a literal never closed.
+        return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
     def sync_hash(self, values: Sequence[str], fingerprint: str) -> str:
         # 64-bit, over the typed values; NULL hashes apart from ''.
         return f"HASH({fingerprint}, {', '.join(values)})"
