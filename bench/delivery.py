@@ -283,9 +283,12 @@ def serve_sandbox() -> None:
 
 
 class SandboxProcess:
-    def __init__(self) -> None:
+    """The sandbox in its own process, served by `script --serve-sandbox` (each benchmark
+    answers its own commands), so its CPU is not the client's."""
+
+    def __init__(self, script: str = __file__) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-sandbox"],
+            [sys.executable, script, "--serve-sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from change_set import peak_rss_mb
+from delivery import SandboxProcess
 
 API_KEY = "pk_bench_0123456789abcdef0123456789abcdef"
 SYNC = "profiles"
@@ -100,34 +101,6 @@ def serve_sandbox() -> None:
             break
         print(json.dumps(answer), flush=True)
     sandbox.stop()
-
-
-class SandboxProcess:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-sandbox"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.url = self._read()["url"]
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        return json.loads(self.proc.stdout.readline())
-
-    def ask(self, op: str, **args: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
-            self.proc.stdin.close()
-        self.proc.wait(10)
 
 
 # ---- the client's two phases, each in a fresh interpreter --------------------------------------
@@ -228,7 +201,7 @@ def main() -> None:
     args = parser.parse_args()
     from klaviyo_pipelines.klaviyo.endpoints import PROFILES
 
-    sandbox = SandboxProcess()
+    sandbox = SandboxProcess(__file__)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             url = f"duckdb:///{Path(tmp) / 'warehouse.duckdb'}"
