@@ -7,14 +7,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from klaviyo_pipelines.config import Config, parse_config
-from klaviyo_pipelines.klaviyo.client import KlaviyoClient
-from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.sandbox import Sandbox
 from klaviyo_pipelines.sandbox.state import Subscription, utcnow
-from klaviyo_pipelines.verify import VerifyReport, verify_sync
 from klaviyo_pipelines.warehouse.engine import Warehouse
-from klaviyo_pipelines.warehouse.snapshot import take_snapshot
-from klaviyo_pipelines_tests.conftest import TEST_API_KEY
+from klaviyo_pipelines_tests.sandbox_runs import sync, verify
 
 
 def config_for(url: str, sandbox: Sandbox, unsubscribe_on: str = "[added]") -> Config:
@@ -49,17 +45,6 @@ def load(wh: Warehouse, table: str, rows: list[tuple]) -> None:
             sa.text(f"CREATE TABLE shop.{table} (person_id VARCHAR, email VARCHAR, phone VARCHAR)")
         )
         wh.bulk_insert(conn, f"shop.{table}", ["person_id", "email", "phone"], rows)
-
-
-def sync(config: Config, wh: Warehouse, sandbox: Sandbox, name: str) -> SyncReport:
-    take_snapshot(wh, config.models[config.syncs[name].model], config.path)
-    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, max_backoff=0.2) as client:
-        return run_sync(config, name, wh, client)
-
-
-def verify(config: Config, wh: Warehouse, sandbox: Sandbox, name: str, **options) -> VerifyReport:
-    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, max_backoff=0.2) as client:
-        return verify_sync(config, name, wh, client, **options)
 
 
 def flip(sandbox: Sandbox, email: str, channel: str, consent: str) -> None:

@@ -15,12 +15,10 @@ from klaviyo_pipelines.actions.events import derived_unique_id
 from klaviyo_pipelines.config import Config, parse_config
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.errors import PermanentError
-from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.sandbox import Sandbox
-from klaviyo_pipelines.verify import VerifyReport, verify_sync
 from klaviyo_pipelines.warehouse.engine import Warehouse
-from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
+from klaviyo_pipelines_tests.sandbox_runs import sync, verify
 
 DAY1, DAY2 = datetime(2024, 5, 1, 9, 30), datetime(2024, 5, 2, 23, 59, 59)
 
@@ -84,17 +82,6 @@ def load_orders(wh: Warehouse) -> None:
         )
         columns = ["order_id", "email", "placed_at", "total", "products"]
         wh.bulk_insert(conn, "shop.orders", columns, rows)
-
-
-def sync(config: Config, wh: Warehouse, sandbox: Sandbox, name: str) -> SyncReport:
-    take_snapshot(wh, config.models[config.syncs[name].model], config.path)
-    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, max_backoff=0.2) as client:
-        return run_sync(config, name, wh, client)
-
-
-def verify(config: Config, wh: Warehouse, sandbox: Sandbox, name: str, **options) -> VerifyReport:
-    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, max_backoff=0.2) as client:
-        return verify_sync(config, name, wh, client, sample=None, **options)
 
 
 def unique_ids(sandbox: Sandbox, metric: str) -> list[str]:

@@ -9,14 +9,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from klaviyo_pipelines.config import Config, parse_config
-from klaviyo_pipelines.klaviyo.client import KlaviyoClient
-from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.sandbox import Sandbox
-from klaviyo_pipelines.verify import VerifyReport, verify_sync
 from klaviyo_pipelines.warehouse.audiences import remembered_list
 from klaviyo_pipelines.warehouse.engine import Warehouse
-from klaviyo_pipelines.warehouse.snapshot import take_snapshot
-from klaviyo_pipelines_tests.conftest import TEST_API_KEY
+from klaviyo_pipelines_tests.sandbox_runs import sync, verify
 
 REMOVAL_LIST = "LEAVRS"
 
@@ -63,19 +59,6 @@ def load(wh: Warehouse, table: str, rows: list[tuple]) -> None:
             )
         )
         wh.bulk_insert(conn, f"crm.{table}", columns, rows)
-
-
-def sync(
-    config: Config, wh: Warehouse, sandbox: Sandbox, name: str, audience: str | None = None
-) -> SyncReport:
-    take_snapshot(wh, config.models[config.syncs[name].model], config.path, partition=audience)
-    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, max_backoff=0.2) as client:
-        return run_sync(config, name, wh, client, partition=audience)
-
-
-def verify(config: Config, wh: Warehouse, sandbox: Sandbox, name: str, **options) -> VerifyReport:
-    with KlaviyoClient(TEST_API_KEY, base_url=sandbox.url, max_backoff=0.2) as client:
-        return verify_sync(config, name, wh, client, sample=None, **options)
 
 
 def members(n: int, segment: str = "vip") -> list[tuple]:
