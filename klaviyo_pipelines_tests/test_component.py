@@ -172,6 +172,32 @@ def test_an_inline_config_mistake_names_the_defs_yaml_and_the_key(
     assert "primary_key" in message
 
 
+def test_a_dagster_template_in_an_inline_config_is_refused_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`{{ env.X }}` inline would otherwise reach the warehouse or Klaviyo as its own text."""
+    source, _ = scratch_project(tmp_path)
+    folder = source / "defs" / "klaviyo"
+    folder.mkdir()
+    text = doc_block("yaml", f"type: {COMPONENT}")
+    assert "api_key: ${KLAVIYO_API_KEY}" in text
+    text = text.replace("api_key: ${KLAVIYO_API_KEY}", 'api_key: "{{ env.KLAVIYO_API_KEY }}"')
+    (folder / "defs.yaml").write_text(text)
+    monkeypatch.setenv("WAREHOUSE_URL", "duckdb:///unused.duckdb")
+    monkeypatch.setenv("KLAVIYO_API_KEY", "pk_never_shown_0123456789")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    with pytest.raises(Exception) as error:
+        dg.load_from_defs_folder(path_within_project=source)
+    causes, cause = [], error.value
+    while cause is not None:
+        causes.append(str(cause))
+        cause = cause.__cause__
+    message = "\n".join(causes)
+    assert f"{folder / 'defs.yaml'} (attributes.config): klaviyo.api_key" in message
+    assert "write ${VAR}" in message
+    assert "pk_never_shown" not in message
+
+
 def test_a_subclass_overrides_get_asset_spec_and_the_sync_follows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,7 @@ import dagster as dg
 import yaml
 from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
 
-from klaviyo_pipelines.config import Config, load_config, parse_config
+from klaviyo_pipelines.config import Config, ConfigError, load_config, parse_config
 from klaviyo_pipelines.dagster_defs.build import build_defs
 from klaviyo_pipelines.dagster_defs.component_scaffolder import KlaviyoSyncsScaffolder
 from klaviyo_pipelines.dagster_defs.resources import DEFAULT_RESOURCE_PREFIX
@@ -27,13 +27,32 @@ def resolve_config(context: dg.ResolutionContext, value: str | Mapping[str, Any]
     """A file's path (relative to the `defs.yaml`), or the config written inline.
 
     The inline config is parsed as our own file would be, without Dagster's `{{ }}` templating:
-    `${VAR}` keeps a URL with a password out of Dagster's stored definitions, as in the file."""
+    `${VAR}` keeps a URL with a password out of Dagster's stored definitions, as in the file.
+    A `{{ }}` written there anyway is refused, naming its key, rather than sent as text."""
     if isinstance(value, str):
         path = context.resolve_value(value, as_type=str)  # `{{ project_root }}/...` too
         return load_config(context.resolve_source_relative_path(path))
     tree = context.source_position_tree
-    source = tree.position.filename if tree else "defs.yaml"
-    return parse_config(yaml.safe_dump(dict(value)), f"{source} (attributes.config)")
+    source = f"{tree.position.filename if tree else 'defs.yaml'} (attributes.config)"
+    _refuse_templates(value, source, "")
+    return parse_config(yaml.safe_dump(dict(value)), source)
+
+
+def _refuse_templates(value: Any, source: str, key: str) -> None:
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            _refuse_templates(item, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_templates(item, source, f"{key}[{index}]")
+    elif isinstance(value, str) and "{{" in value:
+        raise ConfigError(
+            source,
+            key,
+            "Dagster's {{ }} templates are not read in an inline config: write ${VAR} for an "
+            "environment variable (read when the sync runs, never stored by Dagster), or name a "
+            "config file in `config:` ({{ project_root }} works in that path)",
+        )
 
 
 @dg.scaffold_with(KlaviyoSyncsScaffolder)
