@@ -8,7 +8,7 @@ SNOWFLAKE_BIN := .venv-snowflake/bin
 # the tests that touch Dagster's API, so the range's floor is tested and not only the newest.
 LOWEST_BIN := .venv-dagster-lowest/bin
 DAGSTER_TESTS := $(addprefix klaviyo_pipelines_tests/,test_build_defs.py test_dagster.py \
-	test_component.py test_dbt_lineage.py test_pool.py)
+	test_component.py test_pool.py)
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: demo test test-snowflake test-dagster-lowest ui lint bench

@@ -79,10 +79,15 @@ def processes_in_group(group: int) -> list[str]:
 
 
 class DagsterDev:
-    """`dagster dev -w workspace.yaml` on a free loopback port, logging to `home/dagster-dev.log`."""
+    """`dagster dev -w workspace.yaml` on a free loopback port, logging to `home/dagster-dev.log`.
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    `workspace` is the project's own by default; a test serving a user's project gives its own."""
+
+    def __init__(
+        self, home: Path, env: dict[str, str], workspace: Path = REPO / "workspace.yaml"
+    ) -> None:
         self.home = home
+        self.workspace = workspace
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / "dagster-dev.log"
@@ -102,7 +107,7 @@ class DagsterDev:
             self.process = subprocess.Popen(
                 [
                     *(sys.executable, "-m", "dagster", "dev"),
-                    *("-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)),
+                    *("-w", str(self.workspace), "-h", "127.0.0.1", "-p", str(self.port)),
                 ],
                 cwd=REPO,
                 env=self.env,
