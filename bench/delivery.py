@@ -258,6 +258,9 @@ def serve_sandbox() -> None:
             sandbox.reset()
             sandbox.app.enforce_rate_limits = command["limits"]
             sandbox.limiter.time_scale = command["scale"]
+            # A job stays queued job_delay s, then processes for about as long: it completes
+            # about job_latency s after it was accepted.
+            sandbox.app.job_delay = command.get("job_latency", 0.1) / 2
             sandbox.state.create_list("Bench list", list_id=LIST_ID)
             state = sandbox.state
             ids = [
@@ -444,11 +447,23 @@ def over_writes(
 
 
 def measure(
-    case: Case, sandbox: SandboxProcess, windows: int, limits: bool, share: int = 1
+    case: Case,
+    sandbox: SandboxProcess,
+    windows: int,
+    limits: bool,
+    share: int = 1,
+    rows: int | None = None,
+    job_latency: float = 0.1,
 ) -> dict[str, Any]:
-    rows = rows_for(case, windows) // share
+    rows = rows or rows_for(case, windows) // share
     scale = case.scale if limits else 1e6
-    sandbox.ask("setup", limits=limits, scale=scale, profiles=rows if case.seed_profiles else 0)
+    sandbox.ask(
+        "setup",
+        limits=limits,
+        scale=scale,
+        profiles=rows if case.seed_profiles else 0,
+        job_latency=job_latency,
+    )
     usage0 = sandbox.ask("usage")
     child = subprocess.run(
         [sys.executable, __file__, "--run-case", case.title, str(rows), str(scale), sandbox.url],
@@ -491,6 +506,14 @@ def main() -> None:
         default="yes",
         help="also (or only) send the largest batches at time scale 1 (about 2.5 minutes)",
     )
+    parser.add_argument("--rows", type=int, help="rows of each largest-batch case")
+    parser.add_argument(
+        "--job-latency",
+        type=float,
+        nargs="+",
+        default=[0.1],
+        help="seconds from a bulk job's acceptance to its completion (largest-batch cases)",
+    )
     args = parser.parse_args()
     check_limits()
     chosen = [c for c in CASES + FULL_BATCH_CASES if not args.only or c.action in args.only]
@@ -506,8 +529,11 @@ def main() -> None:
             lines.append((case, limited, free))
             print(f"  {case.title}: done", file=sys.stderr, flush=True)
         for case in full:
-            full_lines.append((case, measure(case, sandbox, 1, limits=True)))
-            print(f"  {case.title}: done", file=sys.stderr, flush=True)
+            for latency in args.job_latency:
+                run = measure(case, sandbox, 1, True, rows=args.rows, job_latency=latency)
+                run["job_latency"] = latency
+                full_lines.append((case, run))
+                print(f"  {case.title}, jobs {latency:g} s: done", file=sys.stderr, flush=True)
     finally:
         sandbox.close()
     if lines:
@@ -540,6 +566,8 @@ def print_full_batches(lines: list[tuple[Case, dict[str, Any]]]) -> None:
         per_core = run["rows"] / run["cpu"]  # what one core of ours would carry, alone
         binds = (
             "rate limit" if rate >= 0.9 * ceiling
+            else "job latency: batches in flight wait for their jobs"
+            if run["cpu"] / run["seconds"] < 0.5
             else "client CPU" if per_core < ceiling
             else "neither: the machine's other work, or time per batch"
         )  # fmt: skip
@@ -550,7 +578,10 @@ def print_full_batches(lines: list[tuple[Case, dict[str, Any]]]) -> None:
             f"{100 * main_share:>8.0f}%{1e6 * run['cpu'] / run['rows']:>11.0f}{per_core:>11,.0f}"
             f"{100 * run['sandbox_cpu'] / run['seconds']:>7.0f}%{run['peak_rss_mb']:>7.0f}  {binds}"
         )
-        print(f"    {case.note}; {run['rows']:,} rows, {run['seconds']:.0f} s")
+        print(
+            f"    {case.note}; {run['rows']:,} rows, {run['seconds']:.0f} s, "
+            f"jobs complete {run['job_latency']:g} s after acceptance"
+        )
     print(
         "cli CPU = the client process's CPU (all threads) over the run, in % of one core; main "
         "thr = its main thread's (reading pages, preparing, committing: serial work); CPU us/row "
