@@ -34,6 +34,33 @@ WORKSPACE_QUERY = """
 """
 
 
+# One run at a time (DuckDB), dequeued every second rather than every 5 s.
+DAGSTER_YAML = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 1
+    dequeue_interval_seconds: 1
+telemetry:
+  enabled: false
+"""
+START_SENSOR = """
+mutation ($selector: SensorSelector!) { startSensor(sensorSelector: $selector) { __typename
+  ... on Sensor { sensorState { status } } ... on Error { message } } }
+"""
+LAUNCH_RUN = """
+mutation ($params: ExecutionParams!) { launchRun(executionParams: $params) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on Error { message }
+  ... on RunConfigValidationInvalid { errors { message } } } }
+"""
+
+
+def sensor_selector(location: str, sensor: str) -> dict[str, str]:
+    """GraphQL's SensorSelector for a sensor of a code location's only repository."""
+    return {"repositoryLocationName": location, "repositoryName": REPOSITORY, "sensorName": sensor}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

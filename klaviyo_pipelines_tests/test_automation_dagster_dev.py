@@ -17,7 +17,15 @@ from typing import Any
 
 from klaviyo_pipelines.sandbox import Sandbox
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
-from klaviyo_pipelines_tests.dagster_dev import REPOSITORY, DagsterDev, wait_for
+from klaviyo_pipelines_tests.dagster_dev import (
+    DAGSTER_YAML,
+    LAUNCH_RUN,
+    REPOSITORY,
+    START_SENSOR,
+    DagsterDev,
+    sensor_selector,
+    wait_for,
+)
 
 LOCATION = "user_project"
 SENSOR = "default_automation_condition_sensor"
@@ -90,35 +98,11 @@ load_from:
       location_name: {location}
 """
 
-# One run at a time (DuckDB), dequeued every second rather than every 5 s.
-DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 1
-    dequeue_interval_seconds: 1
-telemetry:
-  enabled: false
-"""
-
-SENSOR_SELECTOR = {
-    "repositoryLocationName": LOCATION,
-    "repositoryName": REPOSITORY,
-    "sensorName": SENSOR,
-}
+SENSOR_SELECTOR = sensor_selector(LOCATION, SENSOR)
 SENSOR_QUERY = """
 query ($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
   __typename ... on Sensor { sensorType sensorState { status ticks(limit: 5) { status } } }
   ... on Error { message } } }
-"""
-START_SENSOR = """
-mutation ($selector: SensorSelector!) { startSensor(sensorSelector: $selector) { __typename
-  ... on Sensor { sensorState { status } } ... on Error { message } } }
-"""
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) { launchRun(executionParams: $params) { __typename
-  ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }
 """
 RUNS_QUERY = """
 query ($filter: RunsFilter) { runsOrError(filter: $filter) { __typename

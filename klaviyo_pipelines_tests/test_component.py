@@ -63,6 +63,26 @@ def run_dg(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def load_error(
+    root: Path, monkeypatch: pytest.MonkeyPatch, defs_yaml: str
+) -> tuple[Path, list[str]]:
+    """Load a scratch project whose `defs/klaviyo/defs.yaml` is `defs_yaml`, which must fail:
+    its folder, and the messages of the error and its causes (Dagster wraps ours in its own,
+    naming the component)."""
+    source, _ = scratch_project(root)
+    folder = source / "defs" / "klaviyo"
+    folder.mkdir()
+    (folder / "defs.yaml").write_text(defs_yaml)
+    monkeypatch.syspath_prepend(str(root / "src"))
+    with pytest.raises(Exception) as error:
+        dg.load_from_defs_folder(path_within_project=source)
+    causes, cause = [], error.value
+    while cause is not None:
+        causes.append(str(cause))
+        cause = cause.__cause__
+    return folder, causes
+
+
 def test_dg_lists_scaffolds_and_checks_the_component(tmp_path: Path) -> None:
     source, _ = scratch_project(tmp_path)
 
@@ -153,19 +173,9 @@ def test_the_documented_defs_yaml_loads_and_its_sync_delivers(
 def test_an_inline_config_mistake_names_the_defs_yaml_and_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source, _ = scratch_project(tmp_path)
-    folder = source / "defs" / "klaviyo"
-    folder.mkdir()
     text = doc_block("yaml", f"type: {COMPONENT}").replace("primary_key: customer_id", "")
-    (folder / "defs.yaml").write_text(text)
     monkeypatch.setenv("WAREHOUSE_URL", "duckdb:///unused.duckdb")
-    monkeypatch.syspath_prepend(str(tmp_path / "src"))
-    with pytest.raises(Exception) as error:
-        dg.load_from_defs_folder(path_within_project=source)
-    causes, cause = [], error.value
-    while cause is not None:  # Dagster wraps our error in its own, naming the component
-        causes.append(str(cause))
-        cause = cause.__cause__
+    folder, causes = load_error(tmp_path, monkeypatch, text)
     message = "\n".join(causes)
     assert "klaviyo" in causes[0] and "defs.yaml" in causes[0]
     assert f"{folder / 'defs.yaml'} (attributes.config): models.customers" in message
@@ -176,22 +186,12 @@ def test_a_dagster_template_in_an_inline_config_is_refused_naming_its_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`{{ env.X }}` inline would otherwise reach the warehouse or Klaviyo as its own text."""
-    source, _ = scratch_project(tmp_path)
-    folder = source / "defs" / "klaviyo"
-    folder.mkdir()
     text = doc_block("yaml", f"type: {COMPONENT}")
     assert "api_key: ${KLAVIYO_API_KEY}" in text
     text = text.replace("api_key: ${KLAVIYO_API_KEY}", 'api_key: "{{ env.KLAVIYO_API_KEY }}"')
-    (folder / "defs.yaml").write_text(text)
     monkeypatch.setenv("WAREHOUSE_URL", "duckdb:///unused.duckdb")
     monkeypatch.setenv("KLAVIYO_API_KEY", "pk_never_shown_0123456789")
-    monkeypatch.syspath_prepend(str(tmp_path / "src"))
-    with pytest.raises(Exception) as error:
-        dg.load_from_defs_folder(path_within_project=source)
-    causes, cause = [], error.value
-    while cause is not None:
-        causes.append(str(cause))
-        cause = cause.__cause__
+    folder, causes = load_error(tmp_path, monkeypatch, text)
     message = "\n".join(causes)
     assert f"{folder / 'defs.yaml'} (attributes.config): klaviyo.api_key" in message
     assert "write ${VAR}" in message

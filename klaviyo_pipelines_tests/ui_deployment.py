@@ -24,10 +24,14 @@ from klaviyo_pipelines.demo import create_demo_warehouse
 from klaviyo_pipelines.sandbox import Sandbox
 from klaviyo_pipelines_tests.conftest import TEST_API_KEY
 from klaviyo_pipelines_tests.dagster_dev import (
+    DAGSTER_YAML,
+    LAUNCH_RUN,
     LOCATION,
     REPOSITORY,
+    START_SENSOR,
     DagsterDev,
     artifacts_dir,
+    sensor_selector,
     wait_for,
 )
 
@@ -90,23 +94,7 @@ syncs:
     retry: {{max_retries: 0}}
 """
 
-# One run at a time (DuckDB), dequeued every second rather than every 5 s.
-DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 1
-    dequeue_interval_seconds: 1
-telemetry:
-  enabled: false
-"""
-
-SENSOR_SELECTOR = {
-    "repositoryLocationName": LOCATION,
-    "repositoryName": REPOSITORY,
-    "sensorName": SENSOR,
-}
+SENSOR_SELECTOR = sensor_selector(LOCATION, SENSOR)
 SENSOR_QUERY = """
 query ($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
   __typename ... on Sensor { id sensorState { status } } ... on Error { message } } }
@@ -114,15 +102,6 @@ query ($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
 STOP_SENSOR = """
 mutation ($id: String!) { stopSensor(id: $id) { __typename
   ... on StopSensorMutationResult { instigationState { status } } ... on Error { message } } }
-"""
-START_SENSOR = """
-mutation ($selector: SensorSelector!) { startSensor(sensorSelector: $selector) { __typename
-  ... on Sensor { sensorState { status } } ... on Error { message } } }
-"""
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) { launchRun(executionParams: $params) { __typename
-  ... on LaunchRunSuccess { run { runId } } ... on Error { message }
-  ... on RunConfigValidationInvalid { errors { message } } } }
 """
 LAUNCH_BACKFILL = """
 mutation ($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
