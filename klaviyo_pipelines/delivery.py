@@ -8,6 +8,11 @@ keeps enough requests ready that the limiter is never idle while rows are waitin
 A stop (`interrupt.requested()`, set by SIGINT / SIGTERM) is checked as each batch starts: a
 batch not yet started comes back unsent, and `make_room` stops waiting for room.
 
+A bulk job Klaviyo accepted (`BatchResult.opened`) no longer holds a sending slot: it is awaited
+by a thread of its own (`settle`), so imports keep going out at their endpoint's rate however
+long Klaviyo takes to process them. Its rows, compacted by the action, count against
+`MAX_OPEN_JOB_ROWS` until it settles.
+
 Guarantee kept: nothing here writes state. An outcome is returned to the caller, who commits
 it, only after its batch finished; a crash with batches in flight leaves their rows
 unconfirmed, so the next run's change set has them again.
@@ -21,14 +26,19 @@ from types import TracebackType
 from typing import Self
 
 from klaviyo_pipelines import interrupt
-from klaviyo_pipelines.actions.base import BatchResult, Prepared
+from klaviyo_pipelines.actions.base import BatchResult, OpenJob, Prepared
 
 MAX_BATCHES_IN_FLIGHT = 8
 # Bounds memory: three 10,000-profile imports, or eight 1,000-event batches.
 MAX_ROWS_IN_FLIGHT = 30_000
+# Rows of accepted jobs still processing, held compacted (about 0.5 KB each): 25,000 profiles/s
+# with jobs that take 24 s to complete.
+MAX_OPEN_JOB_ROWS = 600_000
+MAX_OPEN_JOBS = 100  # each awaited by a thread, mostly asleep until its next poll
 STOP_CHECK_SECONDS = 0.1  # how soon a wait for room notices a stop
 
 SendBatch = Callable[[Sequence[Prepared]], BatchResult]
+SettleJob = Callable[[OpenJob], BatchResult]
 BeforeWaiting = Callable[[], None]
 
 
@@ -38,31 +48,42 @@ def in_flight_width(batch_size: int) -> int:
 
 
 class InFlight:
-    """A bounded window of batches being sent by worker threads.
+    """A bounded window of batches being sent by worker threads, and of the jobs they opened.
 
     `make_room` blocks while the window is full and returns the outcomes that finished
-    meanwhile, `submit` sends a batch, `drain` waits for the rest. Outcomes come back in the order batches finish, which is free
-    to differ from the order they were sent: every row's outcome is its own.
+    meanwhile, `submit` sends a batch, `drain` waits for the rest. Outcomes come back in the
+    order batches (or their jobs) finish, which is free to differ from the order they were
+    sent: every row's outcome is its own.
 
     The window starts at one batch and doubles with each batch that succeeds (a slow start):
     against a dead API or a refused key the run fails after one batch's attempts, as it did
-    when batches went one by one, instead of a whole window of them.
+    when batches went one by one, instead of a whole window of them. The first batch must be
+    confirmed, its job completed if it opened one, before a second is sent; after that a job
+    Klaviyo accepted counts as a success and no longer holds a place in the window.
 
     `before_waiting` is called before each wait for a batch, so the caller can let go of what
     others may use meanwhile (the warehouse file).
     """
 
     def __init__(
-        self, send: SendBatch, width: int, before_waiting: BeforeWaiting | None = None
+        self,
+        send: SendBatch,
+        width: int,
+        settle: SettleJob | None = None,
+        before_waiting: BeforeWaiting | None = None,
     ) -> None:
         if width < 1:
             raise ValueError("width must be at least 1")
         self._send = send
+        self._settle = settle
         self._before_waiting = before_waiting
         self._width = width
         self._open = 1  # batches allowed in flight now, up to width
+        self._confirmed = False  # whether a batch's rows were confirmed yet
         self._pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="klaviyo-batch")
-        self._pending: set[Future[BatchResult]] = set()
+        self._jobs = ThreadPoolExecutor(max_workers=MAX_OPEN_JOBS, thread_name_prefix="klaviyo-job")
+        self._sending: set[Future[BatchResult]] = set()
+        self._settling: dict[Future[BatchResult], int] = {}  # an open job -> its rows
 
     def __enter__(self) -> Self:
         return self
@@ -76,22 +97,31 @@ class InFlight:
         # On an error in the caller, batches already sent still finish (their outcome is lost
         # to this run and they are sent again by the next): never abandon a half-sent request.
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._jobs.shutdown(wait=True, cancel_futures=True)
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Batches being sent and jobs being awaited."""
+        return len(self._sending) + len(self._settling)
 
     def make_room(self) -> list[BatchResult]:
         """Wait until another batch may be sent, or a stop was asked for; return the outcomes
         that finished meanwhile."""
         finished = self._collect(block=False)
-        while len(self._pending) >= self._open and not interrupt.requested():
+        while self._full() and not interrupt.requested():
             finished += self._collect(block=True, timeout=STOP_CHECK_SECONDS)
         return finished
 
+    def _full(self) -> bool:
+        return (
+            len(self._sending) + (0 if self._confirmed else len(self._settling)) >= self._open
+            or len(self._settling) >= MAX_OPEN_JOBS
+            or sum(self._settling.values()) >= MAX_OPEN_JOB_ROWS
+        )
+
     def submit(self, batch: Sequence[Prepared]) -> None:
         """Send a batch; call `make_room` first (and send nothing more after a failure)."""
-        self._pending.add(self._pool.submit(self._start, batch))
+        self._sending.add(self._pool.submit(self._start, batch))
 
     def _start(self, batch: Sequence[Prepared]) -> BatchResult:
         if interrupt.requested():
@@ -100,19 +130,33 @@ class InFlight:
 
     def drain(self) -> Iterator[BatchResult]:
         """Every outcome still in flight, as each finishes."""
-        while self._pending:
+        while self._sending or self._settling:
             yield from self._collect(block=True)
 
     def _collect(self, block: bool, timeout: float | None = None) -> list[BatchResult]:
-        if not self._pending:
+        pending = self._sending | self._settling.keys()
+        if not pending:
             return []
         if block and self._before_waiting:
             self._before_waiting()
-        done, self._pending = wait(
-            self._pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED
-        )
-        results = [future.result() for future in done]
-        for result in results:
-            if result.error is None:
+        done, _ = wait(pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED)
+        results = []
+        for future in done:
+            result = future.result()
+            if future in self._sending:
+                self._sending.remove(future)
+                for job in result.opened:
+                    self._await(job)
+            else:
+                del self._settling[future]
+            if result.error is None and (self._confirmed or not result.opened):
+                self._confirmed = True
                 self._open = min(self._width, self._open * 2)
+            result.opened = []
+            if result.rows or result.error:
+                results.append(result)
         return results
+
+    def _await(self, job: OpenJob) -> None:
+        assert self._settle is not None, "a batch opened a job: InFlight needs `settle`"
+        self._settling[self._jobs.submit(self._settle, job)] = len(job.items)

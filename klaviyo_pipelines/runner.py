@@ -18,6 +18,7 @@ from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.actions.base import (
     Action,
     BatchResult,
+    OpenJob,
     Prepared,
     Rejected,
     field_of_pointer,
@@ -362,8 +363,12 @@ def _deliver_all(
     def send(batch: Sequence[Prepared]) -> BatchResult:
         return deliver_batch(action, client, batch)
 
+    def settle(job: OpenJob) -> BatchResult:
+        return settle_job(action, client, job)
+
     width = in_flight_width(action.batch_size)
-    with wh.holding_file(), InFlight(send, width, before_waiting=wh.let_go) as flight:
+    flight = InFlight(send, width, settle=settle, before_waiting=wh.let_go)
+    with wh.holding_file(), flight:
         for page in pages:
             page = action.enrich(wh, page)
             items: list[Prepared] = []
@@ -471,6 +476,15 @@ def deliver_batch(action: Action, client: KlaviyoClient, batch: Sequence[Prepare
         return BatchResult(unsent=list(batch), error=exc)
 
 
+def settle_job(action: Action, client: KlaviyoClient, job: OpenJob) -> BatchResult:
+    """What became of an open job's rows; if Klaviyo cannot say, they are unsent (the next run
+    sends them again) and the error stops the run."""
+    try:
+        return action.settle(client, job)
+    except KlaviyoError as exc:
+        return BatchResult(unsent=list(job.items), error=exc, job_ids=[job.job_id])
+
+
 def refuses_the_request(exc: PermanentError) -> bool:
     """Whether Klaviyo refused the request itself (a header or query parameter: the error
     names a `source.parameter` and points at no item), which no row can have caused: the
@@ -506,7 +520,7 @@ def _commit(
         Delivered(
             key=item.row.key,
             row_hash=item.row.row_hash,
-            row_json=dumps_row(item.row.values).decode(),
+            row_json=item.row.values_json or dumps_row(item.row.values).decode(),
             deletion=item.row.kind.value == "deleted",
             partition=item.row.partition,
         )

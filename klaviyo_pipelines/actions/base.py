@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, NamedTuple
 
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.registry import ActionInfo
+from klaviyo_pipelines.actions.values import dumps_row
 from klaviyo_pipelines.config import ConfigError, SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
@@ -38,6 +39,16 @@ class Rejected:
 
 
 @dataclass
+class OpenJob:
+    """A bulk job Klaviyo accepted and is still processing: awaited apart from the sending, so
+    more batches go out meanwhile. Its rows are held compacted (`Action.send` drops what only
+    the request needed), which is what lets many jobs be open within bounded memory."""
+
+    job_id: str
+    items: list[Prepared]
+
+
+@dataclass
 class BatchResult:
     """Per-row outcome of one batch. Rows in `unsent` were not confirmed and will be retried."""
 
@@ -49,8 +60,16 @@ class BatchResult:
     # Delivered rows that had nothing to act on in Klaviyo (e.g. no profile has their
     # identifiers): also in `delivered`, listed so the report can show how many.
     not_found: list[Prepared] = field(default_factory=list)
+    # Jobs Klaviyo accepted whose outcome is not known yet: `Action.settle` tells it.
+    opened: list[OpenJob] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Rows whose outcome this result carries (an opened job's rows are not among them)."""
+        return len(self.delivered) + len(self.rejected) + len(self.unsent)
 
     def merge(self, other: BatchResult) -> None:
+        self.opened += other.opened
         self.delivered += other.delivered
         self.not_found += other.not_found
         self.rejected += other.rejected
@@ -96,6 +115,11 @@ class Action(ABC):
     @abstractmethod
     def send(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
         """Send one batch; Klaviyo's per-row rejections come back in the result."""
+
+    def settle(self, client: KlaviyoClient, job: OpenJob) -> BatchResult:
+        """Wait for a job `send` opened and say what became of each of its rows. Only actions
+        whose Klaviyo call is an asynchronous job open any."""
+        raise NotImplementedError(f"{type(self).__name__} opens no jobs")
 
     @property
     def default_mappings(self) -> Mapping[str, str]:
@@ -152,6 +176,17 @@ class Action(ABC):
             raise InvalidRow(
                 None, f"payload is {len(body):,} bytes; Klaviyo accepts at most {limit:,} per item"
             )
+
+
+def awaiting(item: Prepared, fields: Iterable[str]) -> Prepared:
+    """What a row keeps while its job is processed: its values as the state records them and
+    the attributes named (to match import errors to it), not the mapped item or its bytes."""
+    row, attributes = item.row, item.item["attributes"]
+    return Prepared(
+        row=replace(row, values={}, values_json=dumps_row(row.values).decode()),
+        item={"attributes": {name: attributes[name] for name in fields if name in attributes}},
+        body=b"",
+    )
 
 
 def pointer_index(pointer: str | None, collection: str) -> int | None:

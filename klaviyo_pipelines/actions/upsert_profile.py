@@ -1,7 +1,7 @@
 """Upsert Profile: create or update Klaviyo profiles, optionally adding them to a list.
 
-Batch mode (default) sends profile-bulk-import-jobs of up to 10,000 profiles / 5 MB, waits for
-each job, and maps its import errors back to rows. Single mode POSTs /api/profiles, PATCHes
+Batch mode (default) sends profile-bulk-import-jobs of up to 10,000 profiles / 5 MB; `settle`
+awaits each job while later ones are submitted, and maps its import errors back to rows. Single mode POSTs /api/profiles, PATCHes
 the existing profile on a 409 duplicate, and adds the batch's profiles to the list in one call
 per 1,000 ids (Segment adds them one request per profile).
 """
@@ -15,8 +15,10 @@ from typing import Any
 from klaviyo_pipelines.actions.base import (
     Action,
     BatchResult,
+    OpenJob,
     Prepared,
     Rejected,
+    awaiting,
     batch_size_setting,
     check_settings,
     field_of_pointer,
@@ -25,6 +27,7 @@ from klaviyo_pipelines.actions.base import (
     seconds_setting,
 )
 from klaviyo_pipelines.actions.engage import audience_list
+from klaviyo_pipelines.actions.job_length import JobLength
 from klaviyo_pipelines.actions.lists import require_list
 from klaviyo_pipelines.actions.profile import (
     IDENTIFIERS,
@@ -87,7 +90,7 @@ class UpsertProfile(Action):
             sync, PROFILE_BULK_IMPORT.max_items or 10_000, config_path
         )
         self.job_timeout = seconds_setting(sync, "job_timeout_seconds", 900, config_path)
-        self._job_seconds = 0.0  # how long recent jobs took: when to poll a new one first
+        self._job_length = JobLength()
 
     @property
     def columns(self) -> set[str]:
@@ -175,6 +178,8 @@ class UpsertProfile(Action):
         return self._send_single(client, batch)
 
     def _send_bulk(self, client: KlaviyoClient, batch: Sequence[Prepared]) -> BatchResult:
+        """Submit the import and return at once: `settle` awaits the job while more batches go
+        out, holding its rows compacted (a third of their memory)."""
         created = client.post("/api/profile-bulk-import-jobs", content=self.request_body(batch))
         job_id = created["data"]["id"] if created else None
         if not job_id:
@@ -183,17 +188,21 @@ class UpsertProfile(Action):
                 path="/api/profile-bulk-import-jobs",
                 reason="Klaviyo accepted the bulk import job but returned no job id",
             )
-        job = self._wait_for_job(client, job_id)
-        result = BatchResult(job_ids=[job_id])
-        if job["status"] != "complete":
+        return BatchResult(opened=[OpenJob(job_id, [awaiting(i, IDENTIFIERS) for i in batch])])
+
+    def settle(self, client: KlaviyoClient, job: OpenJob) -> BatchResult:
+        batch = job.items
+        state = self._wait_for_job(client, job.job_id)
+        result = BatchResult(job_ids=[job.job_id])
+        if state["status"] != "complete":
             result.unsent = list(batch)
             result.error = TransientError(
                 method="GET",
-                path=f"/api/profile-bulk-import-jobs/{job_id}",
-                reason=f"bulk import job {job_id} ended {job['status']!r}",
+                path=f"/api/profile-bulk-import-jobs/{job.job_id}",
+                reason=f"bulk import job {job.job_id} ended {state['status']!r}",
             )
             return result
-        failed = self._import_errors(client, job_id, batch) if job.get("failed_count") else {}
+        failed = self._import_errors(client, job.job_id, batch) if state.get("failed_count") else {}
         for index, item in enumerate(batch):
             if index in failed:
                 result.rejected.append(Rejected(item, *failed[index]))
@@ -202,27 +211,29 @@ class UpsertProfile(Action):
         return result
 
     def _wait_for_job(self, client: KlaviyoClient, job_id: str) -> dict[str, Any]:
-        """Poll until the job ends. Polls share the submits' rate budget, so the first one
-        waits as long as recent jobs took (one poll per job when jobs take a steady time)."""
+        """Poll until the job ends, at the poll endpoint's own quota, about once a job once
+        the run knows how long its jobs take (`JobLength`)."""
         started = time.monotonic()
         deadline = started + self.job_timeout
-        delay = self._job_seconds
-        while True:
-            if delay > 0:
-                time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
-            job = client.get(f"/api/profile-bulk-import-jobs/{job_id}")["data"]["attributes"]
-            if job["status"] in ("complete", "cancelled"):
-                took, known = time.monotonic() - started, self._job_seconds
-                self._job_seconds = 0.8 * known + 0.2 * took if known else took
-                return job
-            if time.monotonic() >= deadline:
-                raise JobTimeout(
-                    method="GET",
-                    path=f"/api/profile-bulk-import-jobs/{job_id}",
-                    reason=f"bulk import job {job_id} still {job['status']!r} after "
-                    f"{self.job_timeout:.0f} s",
-                )
-            delay = min(max(delay * 2, 0.05), 5.0)
+        backoff, took = 0.0, None
+        try:
+            while True:
+                self._job_length.wait_to_poll(job_id, started, backoff, deadline)
+                path = f"/api/profile-bulk-import-jobs/{job_id}"
+                job = client.get(path)["data"]["attributes"]
+                if job["status"] in ("complete", "cancelled"):
+                    took = time.monotonic() - started
+                    return job
+                if time.monotonic() >= deadline:
+                    raise JobTimeout(
+                        method="GET",
+                        path=path,
+                        reason=f"bulk import job {job_id} still {job['status']!r} after "
+                        f"{self.job_timeout:.0f} s",
+                    )
+                backoff = min(max(backoff * 2, 0.05), 5.0)
+        finally:
+            self._job_length.ended(job_id, took)
 
     def _import_errors(
         self, client: KlaviyoClient, job_id: str, batch: Sequence[Prepared]

@@ -51,6 +51,9 @@ class ChangeRow:
     partition: str | None = None
     # (field, reason) when a value could not be read: the row is rejected with it, unsent.
     problem: tuple[str, str] | None = None
+    # The values as the state records them, once `values` was emptied to save memory while
+    # the row waits in a bulk job Klaviyo is processing (`Action.send`).
+    values_json: str | None = None
 
 
 @dataclass(frozen=True)
