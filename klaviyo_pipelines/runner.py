@@ -18,12 +18,12 @@ from klaviyo_pipelines import interrupt
 from klaviyo_pipelines.actions.base import (
     Action,
     BatchResult,
-    OpenJob,
     Prepared,
     Rejected,
     field_of_pointer,
 )
 from klaviyo_pipelines.actions.factory import build_action
+from klaviyo_pipelines.actions.open_job import OpenJob
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.values import TooDeeplyNested, dumps_row, json_value
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
@@ -482,7 +482,7 @@ def settle_job(action: Action, client: KlaviyoClient, job: OpenJob) -> BatchResu
     try:
         return action.settle(client, job)
     except KlaviyoError as exc:
-        return BatchResult(unsent=list(job.items), error=exc, job_ids=[job.job_id])
+        return BatchResult(unsent=job.rows(), error=exc, job_ids=[job.job_id])
 
 
 def refuses_the_request(exc: PermanentError) -> bool:

@@ -174,6 +174,31 @@ def test_jobs_overlap_and_rows_are_recorded_only_once_their_job_completed(duckdb
     wh.engine.dispose()
 
 
+def test_imports_go_out_while_earlier_jobs_process(duckdb_url) -> None:
+    """Jobs that take about a second no longer hold the sending window: more of them are open
+    at once than batches may be sent at once, each polled about once after the first."""
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(2000))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=0.5) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        report = run(config, wh, sandbox)
+        assert report.status == "success" and sum(report.delivered.values()) == 2000
+        assert len(delivered_keys(wh)) == 2000
+        jobs = list(sandbox.state.jobs.values())
+        assert len(jobs) == 20 and all(job.completed_at for job in jobs)
+        open_at_once = max(
+            sum(other.created_at <= job.created_at < other.completed_at for other in jobs)
+            for job in jobs
+        )
+        assert open_at_once > in_flight_width(100), open_at_once
+        polls = [
+            r for r in sandbox.state.requests if r.method == "GET" and r.path.startswith(BULK + "/")
+        ]
+        # the first job's doubling polls (about 6 in a second), then one or two a job
+        assert len(polls) <= 6 + 2 * 19, len(polls)
+    wh.engine.dispose()
+
+
 def test_a_failure_mid_run_records_only_confirmed_batches(duckdb_url) -> None:
     wh = Warehouse(duckdb_url)
     load(wh, customers(800))

@@ -11,6 +11,7 @@ from klaviyo_pipelines.config import Config, parse_config
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.runner import SyncReport, run_sync
 from klaviyo_pipelines.sandbox import Fault, Sandbox
+from klaviyo_pipelines.sandbox.operations import bulk_import
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.snapshot import take_snapshot
 from klaviyo_pipelines.warehouse.state import FailureKind, ledger_entries
@@ -169,6 +170,32 @@ def test_klaviyo_rejection_is_ledgered_held_while_unchanged_and_resent_once_fixe
     assert fixed.planned == {"added": 1} and sum(fixed.delivered.values()) == 1
     assert ledger_entries(wh, "profiles") == []
     assert sandbox.state.find_profile(email="user4@example.com") is not None
+    wh.dispose()
+
+
+def test_an_import_error_without_a_pointer_is_matched_to_its_row_by_identifier(
+    warehouse_url, sandbox, monkeypatch
+):
+    """Rows awaiting their job keep only their identifiers; that is enough to find the row an
+    import error is about when Klaviyo gives its payload but no pointer."""
+    unpointed = bulk_import.import_error_resource
+
+    def without_pointer(error):
+        resource = unpointed(error)
+        resource["attributes"]["source"] = {}
+        return resource
+
+    monkeypatch.setattr(bulk_import, "import_error_resource", without_pointer)
+    wh = Warehouse(warehouse_url)
+    rows = customers(30)
+    rows[17] = ("c0017", "user17@mailer.invalid", None, "Name17", "Austin", 1.0)
+    load(wh, rows)
+    report = sync(
+        wh=wh, sandbox=sandbox, config=config_for(warehouse_url, sandbox, mapping="email: email")
+    )
+    assert sum(report.delivered.values()) == 29 and sum(report.rejected.values()) == 1
+    (entry,) = ledger_entries(wh, "profiles")
+    assert entry.key == "c0017" and "Klaviyo" in entry.reason
     wh.dispose()
 
 

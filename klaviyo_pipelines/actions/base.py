@@ -7,18 +7,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.registry import ActionInfo
-from klaviyo_pipelines.actions.values import dumps_row
 from klaviyo_pipelines.config import ConfigError, SyncSpec
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.endpoints import EndpointClass
 from klaviyo_pipelines.klaviyo.errors import KlaviyoError
 from klaviyo_pipelines.warehouse.changes import ChangeRow, ChangeSet
 from klaviyo_pipelines.warehouse.engine import Warehouse
+
+if TYPE_CHECKING:
+    from klaviyo_pipelines.actions.open_job import OpenJob
 
 
 class Prepared(NamedTuple):
@@ -36,16 +38,6 @@ class Rejected:
     item: Prepared
     field: str | None
     reason: str
-
-
-@dataclass
-class OpenJob:
-    """A bulk job Klaviyo accepted and is still processing: awaited apart from the sending, so
-    more batches go out meanwhile. Its rows are held compacted (`Action.send` drops what only
-    the request needed), which is what lets many jobs be open within bounded memory."""
-
-    job_id: str
-    items: list[Prepared]
 
 
 @dataclass
@@ -176,17 +168,6 @@ class Action(ABC):
             raise InvalidRow(
                 None, f"payload is {len(body):,} bytes; Klaviyo accepts at most {limit:,} per item"
             )
-
-
-def awaiting(item: Prepared, fields: Iterable[str]) -> Prepared:
-    """What a row keeps while its job is processed: its values as the state records them and
-    the attributes named (to match import errors to it), not the mapped item or its bytes."""
-    row, attributes = item.row, item.item["attributes"]
-    return Prepared(
-        row=replace(row, values={}, values_json=dumps_row(row.values).decode()),
-        item={"attributes": {name: attributes[name] for name in fields if name in attributes}},
-        body=b"",
-    )
 
 
 def pointer_index(pointer: str | None, collection: str) -> int | None:

@@ -30,9 +30,10 @@ PROFILES = EndpointClass("profiles", 75, 750, max_items=1, max_bytes=100 * KB)
 PROFILE_BULK_IMPORT = EndpointClass(
     "profile_bulk_import", 10, 150, max_items=10_000, max_bytes=5 * MB, max_item_bytes=100 * KB
 )
-# Watching import jobs (GET a job, the job list, a job's errors): Klaviyo's own quota per
-# operation, not the import POST's, so polls never take an import's place.
+# Watching import jobs (GET a job, the job list): Klaviyo's own quota per operation, not the
+# import POST's, so polls never take an import's place; nor do a job's errors take a poll's.
 PROFILE_BULK_IMPORT_JOBS = EndpointClass("profile_bulk_import_jobs", 10, 150)
+PROFILE_BULK_IMPORT_ERRORS = EndpointClass("profile_bulk_import_errors", 10, 150)
 EVENTS = EndpointClass("events", 350, 3500, max_items=1, max_bytes=5 * MB)
 EVENT_BULK_CREATE = EndpointClass("event_bulk_create", 10, 150, max_items=1_000, max_bytes=5 * MB)
 # Reading events and metrics back (`verify`): quotas of their own, never a sync's writes.
@@ -51,6 +52,11 @@ ACCOUNTS = EndpointClass("accounts", 1, 15)
 _ROUTES: tuple[tuple[str, re.Pattern[str], EndpointClass], ...] = tuple(
     (method, re.compile(pattern), cls)
     for method, pattern, cls in (
+        (
+            "GET",
+            r"^/api/profile-bulk-import-jobs/[^/]+/import-errors/?$",
+            PROFILE_BULK_IMPORT_ERRORS,
+        ),
         ("GET", r"^/api/profile-bulk-import-jobs(/.*)?$", PROFILE_BULK_IMPORT_JOBS),
         ("*", r"^/api/profile-bulk-import-jobs(/.*)?$", PROFILE_BULK_IMPORT),
         ("*", r"^/api/profiles/?$", PROFILES),

@@ -52,7 +52,7 @@ class ChangeRow:
     # (field, reason) when a value could not be read: the row is rejected with it, unsent.
     problem: tuple[str, str] | None = None
     # The values as the state records them, once `values` was emptied to save memory while
-    # the row waits in a bulk job Klaviyo is processing (`Action.send`).
+    # the row waits in a bulk job Klaviyo is processing (`actions/open_job.py`).
     values_json: str | None = None
 
 

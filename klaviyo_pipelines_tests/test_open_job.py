@@ -1,0 +1,48 @@
+"""An open job's packed rows come back as they went in, whatever their text holds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from klaviyo_pipelines.actions.base import Prepared
+from klaviyo_pipelines.actions.open_job import OpenJob
+from klaviyo_pipelines.actions.values import dumps_row
+from klaviyo_pipelines.warehouse.changes import ChangeKind, ChangeRow
+
+IDENTIFIERS = ("email", "phone_number", "external_id")
+
+
+def prepared(key: str, kind: ChangeKind, values: dict, attributes: dict, partition=None):
+    row = ChangeRow(key, kind, f"hash-{key}", values, partition)
+    return Prepared(row=row, item={"type": "profile", "attributes": attributes}, body=b"{}")
+
+
+def test_rows_round_trip_with_newlines_unicode_big_numbers_and_missing_identifiers() -> None:
+    items = [
+        prepared(
+            "line\nbreak",
+            ChangeKind.ADDED,
+            {"note": "a\nb\r\n", "ltv": Decimal("12.50"), "at": datetime(2024, 1, 2, tzinfo=UTC)},
+            {"email": "a@example.com", "first_name": "not kept"},
+        ),
+        prepared(
+            "ünï",
+            ChangeKind.UPDATED,
+            {"big": 2**70, "name": "Zoë 🛍", "nothing": None},
+            {"phone_number": "+15125550100", "external_id": "ünï"},
+            partition="vip",
+        ),
+        prepared("gone", ChangeKind.DELETED, {}, {"external_id": "gone"}),
+    ]
+    job = OpenJob("J1", items, IDENTIFIERS)
+    assert len(job) == 3 and job.job_id == "J1"
+    rows = job.rows()
+    for item, back in zip(items, rows, strict=True):
+        assert back.row.key == item.row.key and back.row.kind is item.row.kind
+        assert back.row.row_hash == item.row.row_hash
+        assert back.row.partition == item.row.partition
+        assert back.row.values_json == dumps_row(item.row.values).decode()
+        kept = {k: v for k, v in item.item["attributes"].items() if k in IDENTIFIERS}
+        assert back.item == kept
+    assert OpenJob("J2", [], IDENTIFIERS).rows() == []
