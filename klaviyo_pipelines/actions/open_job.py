@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from klaviyo_pipelines.actions.base import Prepared
-from klaviyo_pipelines.actions.values import dumps_row
+from klaviyo_pipelines.actions.values import dumps, dumps_row
 from klaviyo_pipelines.warehouse.changes import ChangeKind, ChangeRow
 
 _NO_VALUES: dict[str, Any] = {}  # every unpacked row's `values` (never written to)
@@ -33,9 +33,7 @@ class OpenJob:
         for item in items:
             row, attributes = item.row, item.item["attributes"]
             named = [attributes.get(name) for name in self._identifiers]
-            lines.append(
-                orjson.dumps([row.key, row.row_hash, row.kind.value, row.partition, *named])
-            )
+            lines.append(dumps([row.key, row.row_hash, row.kind.value, row.partition, *named]))
             lines.append(dumps_row(row.values))
         self._packed = b"\n".join(lines)
 
