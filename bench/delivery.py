@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,6 +483,7 @@ def measure(
     for record in log:
         result["by_class"][record[1]] = result["by_class"].get(record[1], 0) + 1
     result["sandbox_429"] = sum(1 for r in log if r[3] == 429)
+    result["429_by_class"] = dict(Counter(r[1] for r in log if r[3] == 429))
     if limits:
         result["windows"] = whole_windows(log, case, STEADY[case.binding_class])
         result["writes"] = over_writes(log, case)
@@ -581,6 +583,7 @@ def print_full_batches(lines: list[tuple[Case, dict[str, Any]]]) -> None:
         print(
             f"    {case.note}; {run['rows']:,} rows, {run['seconds']:.0f} s, "
             f"jobs complete {run['job_latency']:g} s after acceptance"
+            + (f"; 429s by class: {run['429_by_class']}" if run["429_by_class"] else "")
         )
     print(
         "cli CPU = the client process's CPU (all threads) over the run, in % of one core; main "

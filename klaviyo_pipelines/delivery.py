@@ -20,6 +20,7 @@ unconfirmed, so the next run's change set has them again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from types import TracebackType
@@ -36,6 +37,10 @@ MAX_ROWS_IN_FLIGHT = 30_000
 # 300 MB in all): 25,000 profiles/s with jobs that take 30 s to complete.
 MAX_OPEN_JOB_ROWS = 750_000
 MAX_OPEN_JOBS = 100  # each awaited by a thread, mostly asleep until its next poll
+# Before anything is confirmed, the run waits this long for its first job to end before sending
+# more: where Klaviyo is quick it learns that jobs succeed first; under load (jobs of half a
+# minute) it does not pay a job's whole latency at its start.
+FIRST_JOB_WAIT_SECONDS = 2.0
 STOP_CHECK_SECONDS = 0.1  # how soon a wait for room notices a stop
 
 SendBatch = Callable[[Sequence[Prepared]], BatchResult]
@@ -58,9 +63,10 @@ class InFlight:
 
     The window starts at one batch and doubles with each batch that succeeds (a slow start):
     against a dead API or a refused key the run fails after one batch's attempts, as it did
-    when batches went one by one, instead of a whole window of them. The first batch must be
-    confirmed, its job completed if it opened one, before a second is sent; after that a job
-    Klaviyo accepted counts as a success and no longer holds a place in the window.
+    when batches went one by one, instead of a whole window of them. A job Klaviyo accepted
+    counts as a success and holds no place in the window. Only the run's first job is waited
+    for, `FIRST_JOB_WAIT_SECONDS` at most: waiting until it ends would cost every run one job's
+    latency (half a minute under load).
 
     `before_waiting` is called before each wait for a batch, so the caller can let go of what
     others may use meanwhile (the warehouse file).
@@ -81,6 +87,7 @@ class InFlight:
         self._width = width
         self._open = 1  # batches allowed in flight now, up to width
         self._confirmed = False  # whether a batch's rows were confirmed yet
+        self._first_job_wait_ends: float | None = None
         self._pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="klaviyo-batch")
         self._jobs = ThreadPoolExecutor(max_workers=MAX_OPEN_JOBS, thread_name_prefix="klaviyo-job")
         self._sending: set[Future[BatchResult]] = set()
@@ -115,9 +122,17 @@ class InFlight:
 
     def _full(self) -> bool:
         return (
-            len(self._sending) + (0 if self._confirmed else len(self._settling)) >= self._open
+            len(self._sending) >= self._open
+            or self._awaiting_first_job()
             or len(self._settling) >= MAX_OPEN_JOBS
             or sum(self._settling.values()) >= MAX_OPEN_JOB_ROWS
+        )
+
+    def _awaiting_first_job(self) -> bool:
+        return (
+            not self._confirmed
+            and self._first_job_wait_ends is not None
+            and time.monotonic() < self._first_job_wait_ends
         )
 
     def submit(self, batch: Sequence[Prepared]) -> None:
@@ -148,10 +163,12 @@ class InFlight:
                 self._sending.remove(future)
                 for job in result.opened:
                     self._await(job)
+                if result.opened and self._first_job_wait_ends is None:
+                    self._first_job_wait_ends = time.monotonic() + FIRST_JOB_WAIT_SECONDS
             else:
                 del self._settling[future]
-            if result.error is None and (self._confirmed or not result.opened):
-                self._confirmed = True
+            if result.error is None:
+                self._confirmed = self._confirmed or not result.opened
                 self._open = min(self._width, self._open * 2)
             result.opened = []
             if result.rows or result.error:

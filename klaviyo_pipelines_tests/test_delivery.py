@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from itertools import pairwise
 
+import pytest
 import sqlalchemy as sa
 
 from klaviyo_pipelines.actions.base import BatchResult, Prepared
@@ -196,6 +198,29 @@ def test_imports_go_out_while_earlier_jobs_process(duckdb_url) -> None:
         ]
         # the first job's doubling polls (about 6 in a second), then one or two a job
         assert len(polls) <= 6 + 2 * 19, len(polls)
+    wh.engine.dispose()
+
+
+@pytest.mark.parametrize("job_delay", [0.1, 2.0])
+def test_the_first_job_is_waited_for_briefly_not_for_its_whole_latency(
+    duckdb_url, monkeypatch, job_delay
+) -> None:
+    """A quick first job is confirmed before a second import goes out; a slow one (2 s here,
+    half a minute under load) holds the second back for FIRST_JOB_WAIT_SECONDS only."""
+    monkeypatch.setattr("klaviyo_pipelines.delivery.FIRST_JOB_WAIT_SECONDS", 0.5)
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(300))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=job_delay) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        report = run(config, wh, sandbox)
+        assert report.status == "success" and sum(report.delivered.values()) == 300
+        first, second, _ = sorted(sandbox.state.jobs.values(), key=lambda job: job.created_at)
+    assert first.completed_at is not None
+    if job_delay < 0.5:
+        assert second.created_at >= first.completed_at
+    else:
+        assert first.created_at + timedelta(seconds=0.5) <= second.created_at
+        assert second.created_at < first.completed_at
     wh.engine.dispose()
 
 

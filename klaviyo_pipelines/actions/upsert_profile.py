@@ -190,8 +190,8 @@ class UpsertProfile(Action):
         return BatchResult(opened=[OpenJob(job_id, batch, IDENTIFIERS)])
 
     def settle(self, client: KlaviyoClient, job: OpenJob) -> BatchResult:
-        batch = job.rows()
         state = self._wait_for_job(client, job.job_id)
+        batch = job.rows()  # unpacked only now: a waiting job holds its rows packed
         result = BatchResult(job_ids=[job.job_id])
         if state["status"] != "complete":
             result.unsent = list(batch)
