@@ -19,6 +19,7 @@ from klaviyo_pipelines.actions.values import dumps, dumps_row
 from klaviyo_pipelines.warehouse.changes import ChangeKind, ChangeRow
 
 _NO_VALUES: dict[str, Any] = {}  # every unpacked row's `values` (never written to)
+_KINDS = {kind.value: kind for kind in ChangeKind}  # a dict lookup: ChangeKind(...) is slow
 
 
 class OpenJob:
@@ -50,7 +51,7 @@ class OpenJob:
         for header, values in zip(lines[::2], lines[1::2], strict=True):
             key, row_hash, kind, partition, *named = orjson.loads(header)
             row = ChangeRow(
-                key, ChangeKind(kind), row_hash, _NO_VALUES, partition, values_json=values.decode()
+                key, _KINDS[kind], row_hash, _NO_VALUES, partition, values_json=values.decode()
             )
             identifiers = {n: v for n, v in zip(self._identifiers, named, strict=True) if v}
             rows.append(Prepared(row=row, item=identifiers, body=b""))
