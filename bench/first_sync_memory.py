@@ -10,10 +10,13 @@ peak of each phase (sampled), and how the peak grows per million rows.
 
 The sandbox runs without rate limits (the client paces as for Klaviyo, with windows shortened
 1000x so pacing is not what is measured) and, so that it does not hold millions of profiles,
-forgets every second the profiles, events and finished jobs it no longer needs.
+forgets every second the profiles, events and finished jobs it no longer needs. With
+`--real-limits` both keep Klaviyo's limits at time scale 1 instead, and `--job-latency`
+makes each bulk job complete that many seconds after it was accepted (issue #15's 10M run).
 
     python bench/first_sync_memory.py [--rows 100000 1000000] [--action upsert_profile]
     python bench/first_sync_memory.py --rows 10000000   # opt-in: over an hour on 2 busy cores
+    python bench/first_sync_memory.py --rows 10000000 --real-limits --job-latency 5
 """
 
 from __future__ import annotations
@@ -56,12 +59,12 @@ def cpu_seconds(pid: int) -> float:
 # ---- the sandbox process ---------------------------------------------------------------------
 
 
-def serve() -> None:
+def serve(real_limits: bool, job_latency: float) -> None:
     """Serve until SIGTERM, forgetting what a first sync no longer needs every second."""
     from klaviyo_pipelines.sandbox import Sandbox
     from klaviyo_pipelines.sandbox.state import utcnow
 
-    sandbox = Sandbox(api_key=KEY, port=0, enforce_rate_limits=False, job_delay=0.0)
+    sandbox = Sandbox(api_key=KEY, port=0, enforce_rate_limits=real_limits, job_delay=job_latency)
     sandbox.start()
     print(sandbox.url, flush=True)
     stop = threading.Event()
@@ -131,7 +134,7 @@ class RssSampler(threading.Thread):
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), mb)
 
 
-def sync(db: str, action: str, url: str) -> dict[str, Any]:
+def sync(db: str, action: str, url: str, real_limits: bool) -> dict[str, Any]:
     from klaviyo_pipelines import runner
     from klaviyo_pipelines.klaviyo.client import KlaviyoClient
     from klaviyo_pipelines.warehouse.engine import Warehouse
@@ -160,7 +163,8 @@ def sync(db: str, action: str, url: str) -> dict[str, Any]:
         done = sum(report.delivered.values()) + sum(report.rejected.values())
         after_batch.append((done, status_kb("VmRSS") / 1024))
 
-    with KlaviyoClient(KEY, base_url=url, time_scale=TIME_SCALE, max_backoff=1.0) as client:
+    scale = 1.0 if real_limits else TIME_SCALE
+    with KlaviyoClient(KEY, base_url=url, time_scale=scale, max_backoff=1.0) as client:
         report = runner.run_sync(config, "first", wh, client, on_batch=on_batch)
     done = time.perf_counter()
     sampler.stop.set()
@@ -189,18 +193,21 @@ def child(*args: str) -> list[str]:
     return [sys.executable, __file__, *args]
 
 
-def measure(action: str, rows: int) -> dict[str, Any]:
+def measure(action: str, rows: int, real_limits: bool, job_latency: float) -> dict[str, Any]:
     env = {**os.environ, "KLAVIYO_API_KEY": KEY}
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "shop.duckdb")
         clock = time.perf_counter()
         subprocess.run(child("--build", db, "--action", action, "--n", str(rows)), check=True)
         built = time.perf_counter() - clock
-        sandbox = subprocess.Popen(child("--serve"), stdout=subprocess.PIPE, text=True, env=env)
+        serve_args = ["--serve", "--job-latency", str(job_latency)]
+        serve_args += ["--real-limits"] if real_limits else []
+        sandbox = subprocess.Popen(child(*serve_args), stdout=subprocess.PIPE, text=True, env=env)
         try:
             url = sandbox.stdout.readline().strip()  # type: ignore[union-attr]
             done = subprocess.run(
-                child("--sync", db, "--action", action, "--url", url),
+                child("--sync", db, "--action", action, "--url", url)
+                + (["--real-limits"] if real_limits else []),
                 capture_output=True,
                 text=True,
                 env=env,
@@ -218,12 +225,16 @@ def measure(action: str, rows: int) -> dict[str, Any]:
             "sandbox_cpu_s": sandbox_cpu}  # fmt: skip
 
 
-def report(action: str, results: list[dict[str, Any]]) -> None:
+def report(
+    action: str, results: list[dict[str, Any]], real_limits: bool, job_latency: float
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=150)
     console.print(f"[bold]First sync memory: {action}, DuckDB, sandbox in another process")
+    limits = "Klaviyo's rate limits at time scale 1" if real_limits else "no rate limits"
+    console.print(f"{limits}; bulk jobs complete {job_latency:g} s after acceptance")
     load = os.getloadavg()[0]
     console.print(
         f"{len(os.sched_getaffinity(0))} CPUs, load {load:.1f}, {datetime.now():%Y-%m-%d %H:%M}"
@@ -271,6 +282,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--action", choices=list(ACTIONS), default="upsert_profile")
+    parser.add_argument(
+        "--real-limits", action="store_true", help="Klaviyo's rate limits at time scale 1"
+    )
+    parser.add_argument(
+        "--job-latency", type=float, default=0.0, help="seconds from a job's acceptance to its end"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build", metavar="DB", help=argparse.SUPPRESS)
     parser.add_argument("--sync", metavar="DB", help=argparse.SUPPRESS)
@@ -278,14 +295,17 @@ def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve()
+        serve(args.real_limits, args.job_latency)
     elif args.build:
         build(args.build, args.action, args.n)
     elif args.sync:
-        print(json.dumps(sync(args.sync, args.action, args.url)))
+        print(json.dumps(sync(args.sync, args.action, args.url, args.real_limits)))
     else:
-        results = [measure(args.action, rows) for rows in sorted(args.rows)]
-        report(args.action, results)
+        results = [
+            measure(args.action, rows, args.real_limits, args.job_latency)
+            for rows in sorted(args.rows)
+        ]
+        report(args.action, results, args.real_limits, args.job_latency)
 
 
 if __name__ == "__main__":
