@@ -479,10 +479,6 @@ def measure(
     log = [tuple(r) for r in sandbox.ask("log")["requests"]]
     result["rows"] = rows
     result["sandbox_cpu"] = usage1["cpu"] - usage0["cpu"]
-    result["by_class"] = {}
-    for record in log:
-        result["by_class"][record[1]] = result["by_class"].get(record[1], 0) + 1
-    result["sandbox_429"] = sum(1 for r in log if r[3] == 429)
     result["429_by_class"] = dict(Counter(r[1] for r in log if r[3] == 429))
     if limits:
         result["windows"] = whole_windows(log, case, STEADY[case.binding_class])

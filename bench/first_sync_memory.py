@@ -200,14 +200,13 @@ def measure(action: str, rows: int, real_limits: bool, job_latency: float) -> di
         clock = time.perf_counter()
         subprocess.run(child("--build", db, "--action", action, "--n", str(rows)), check=True)
         built = time.perf_counter() - clock
-        serve_args = ["--serve", "--job-latency", str(job_latency)]
-        serve_args += ["--real-limits"] if real_limits else []
-        sandbox = subprocess.Popen(child(*serve_args), stdout=subprocess.PIPE, text=True, env=env)
+        limits = ["--real-limits"] if real_limits else []
+        serve_command = child("--serve", "--job-latency", str(job_latency), *limits)
+        sandbox = subprocess.Popen(serve_command, stdout=subprocess.PIPE, text=True, env=env)
         try:
             url = sandbox.stdout.readline().strip()  # type: ignore[union-attr]
             done = subprocess.run(
-                child("--sync", db, "--action", action, "--url", url)
-                + (["--real-limits"] if real_limits else []),
+                child("--sync", db, "--action", action, "--url", url, *limits),
                 capture_output=True,
                 text=True,
                 env=env,
