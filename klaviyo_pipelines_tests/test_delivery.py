@@ -8,6 +8,7 @@ sandbox (bulk import jobs kept `processing` long enough for a second job to be s
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from itertools import pairwise
@@ -15,6 +16,7 @@ from itertools import pairwise
 import pytest
 import sqlalchemy as sa
 
+from klaviyo_pipelines.actions import job_watch
 from klaviyo_pipelines.actions.base import BatchResult, Prepared
 from klaviyo_pipelines.delivery import InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
@@ -143,6 +145,22 @@ def delivered_keys(wh: Warehouse) -> set[str]:
         return set(conn.execute(sa.text(f"SELECT row_key FROM {table}")).scalars())
 
 
+def job_reads(sandbox: Sandbox) -> tuple[list, list]:
+    """The job list requests, and the reads of single jobs (not of their import errors)."""
+    gets = [r for r in sandbox.state.requests if r.method == "GET" and r.path.startswith(BULK)]
+    lists = [r for r in gets if r.path.rstrip("/") == BULK]
+    singles = [r for r in gets if r not in lists and "/import-errors" not in r.path]
+    return lists, singles
+
+
+def assert_watched_through_the_list(sandbox: Sandbox, elapsed: float) -> None:
+    """Open jobs were watched through the job list alone, at its own pace however many."""
+    lists, singles = job_reads(sandbox)
+    assert singles == []
+    limit = job_watch.ROUND_BURST + job_watch.ROUNDS_PER_SECOND * elapsed
+    assert 0 < len(lists) <= limit, (len(lists), elapsed)
+
+
 def test_jobs_overlap_and_rows_are_recorded_only_once_their_job_completed(duckdb_url) -> None:
     wh = Warehouse(duckdb_url)
     load(wh, customers(600))
@@ -156,7 +174,9 @@ def test_jobs_overlap_and_rows_are_recorded_only_once_their_job_completed(duckdb
                 imported = {p.external_id for p in sandbox.state.profiles.values()}
             unconfirmed.extend(delivered_keys(wh) - imported)
 
+        started = time.monotonic()
         report = run(config, wh, sandbox, on_batch=check)
+        elapsed = time.monotonic() - started
         assert report.status == "success" and sum(report.delivered.values()) == 600
         assert unconfirmed == []
         # a job was submitted while another one was still queued or processing
@@ -167,23 +187,20 @@ def test_jobs_overlap_and_rows_are_recorded_only_once_their_job_completed(duckdb
             for earlier, later in pairwise(jobs)
             if earlier.completed_at
         )
-        # polls follow the jobs' duration: after the first job, about one poll per job, where
-        # the doubling from 50 ms alone made five per job of this length
-        polls = [
-            r for r in sandbox.state.requests if r.method == "GET" and r.path.startswith(BULK + "/")
-        ]
-        assert len(polls) <= 5 + 2 * 5, len(polls)
+        assert_watched_through_the_list(sandbox, elapsed)
     wh.engine.dispose()
 
 
 def test_imports_go_out_while_earlier_jobs_process(duckdb_url) -> None:
-    """Jobs that take about a second no longer hold the sending window: more of them are open
-    at once than batches may be sent at once, each polled about once after the first."""
+    """Jobs that take half a second no longer hold the sending window: more of them are open
+    at once than batches may be sent at once."""
     wh = Warehouse(duckdb_url)
     load(wh, customers(2000))
     with Sandbox(api_key=TEST_API_KEY, job_delay=0.5) as sandbox:
         config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        started = time.monotonic()
         report = run(config, wh, sandbox)
+        elapsed = time.monotonic() - started
         assert report.status == "success" and sum(report.delivered.values()) == 2000
         assert len(delivered_keys(wh)) == 2000
         jobs = list(sandbox.state.jobs.values())
@@ -193,11 +210,55 @@ def test_imports_go_out_while_earlier_jobs_process(duckdb_url) -> None:
             for job in jobs
         )
         assert open_at_once > in_flight_width(100), open_at_once
-        polls = [
-            r for r in sandbox.state.requests if r.method == "GET" and r.path.startswith(BULK + "/")
-        ]
-        # the first job's doubling polls (about 6 in a second), then one or two a job
-        assert len(polls) <= 6 + 2 * 19, len(polls)
+        assert_watched_through_the_list(sandbox, elapsed)
+    wh.engine.dispose()
+
+
+def test_a_job_the_list_does_not_show_is_read_on_its_own(duckdb_url, monkeypatch) -> None:
+    """Other writers' newer jobs can push a run's job past the pages listed: it is then read by
+    its id, and the run neither stalls nor loses it."""
+    monkeypatch.setattr(job_watch, "LIST_PAGE_SIZE", 1)
+    monkeypatch.setattr(job_watch, "MAX_LIST_PAGES", 1)
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(300))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=0.3) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        report = run(config, wh, sandbox)
+        assert report.status == "success" and sum(report.delivered.values()) == 300
+        lists, singles = job_reads(sandbox)
+        assert lists and singles  # the newest job came from the list, an older one by id
+    assert len(delivered_keys(wh)) == 300
+    wh.engine.dispose()
+
+
+def test_a_job_list_that_fails_leaves_its_jobs_rows_for_the_next_run(duckdb_url) -> None:
+    """When Klaviyo cannot list the jobs, nobody knows what became of their rows: none is
+    recorded, the run fails naming the request, and the next run sends them again."""
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(300))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=0.1) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        sandbox.faults.add(Fault(kind="status", status=503, count=None, method="GET"))
+        report = run(config, wh, sandbox, max_attempts=2)
+        assert report.status == "failed"
+        assert f"GET {BULK}" in (report.error or "") and "503" in (report.error or "")
+        assert delivered_keys(wh) == set() and sum(report.retryable.values()) > 0
+        sandbox.faults.clear()
+        again = run(config, wh, sandbox)
+        assert again.status == "success"
+    assert len(delivered_keys(wh)) == 300
+    wh.engine.dispose()
+
+
+def test_a_job_that_does_not_end_in_time_fails_the_run_and_keeps_its_rows(duckdb_url) -> None:
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(100))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=3.0) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{job_timeout_seconds: 0.5}")
+        report = run(config, wh, sandbox)
+        assert report.status == "failed"
+        assert "had not ended after 0.5 s" in (report.error or "")
+        assert delivered_keys(wh) == set() and sum(report.retryable.values()) == 100
     wh.engine.dispose()
 
 
@@ -261,3 +322,4 @@ def test_pacing_with_batches_in_flight_stays_under_the_limits(duckdb_url) -> Non
         assert report.rate_limited == 0
         assert not any(r.status == 429 for r in sandbox.state.requests)
     wh.engine.dispose()
+

@@ -25,7 +25,7 @@ from klaviyo_pipelines.actions.base import (
     seconds_setting,
 )
 from klaviyo_pipelines.actions.engage import audience_list
-from klaviyo_pipelines.actions.job_length import JobLength
+from klaviyo_pipelines.actions.job_watch import JobWatch
 from klaviyo_pipelines.actions.lists import require_list
 from klaviyo_pipelines.actions.open_job import OpenJob
 from klaviyo_pipelines.actions.profile import (
@@ -89,7 +89,7 @@ class UpsertProfile(Action):
             sync, PROFILE_BULK_IMPORT.max_items or 10_000, config_path
         )
         self.job_timeout = seconds_setting(sync, "job_timeout_seconds", 900, config_path)
-        self._job_length = JobLength()
+        self._jobs = JobWatch("/api/profile-bulk-import-jobs")
 
     @property
     def columns(self) -> set[str]:
@@ -210,29 +210,16 @@ class UpsertProfile(Action):
         return result
 
     def _wait_for_job(self, client: KlaviyoClient, job_id: str) -> dict[str, Any]:
-        """Poll until the job ends, at the poll endpoint's own quota, about once a job once
-        the run knows how long its jobs take (`JobLength`)."""
-        started = time.monotonic()
-        deadline = started + self.job_timeout
-        backoff, took = 0.0, None
-        try:
-            while True:
-                self._job_length.wait_to_poll(job_id, started, backoff, deadline)
-                path = f"/api/profile-bulk-import-jobs/{job_id}"
-                job = client.get(path)["data"]["attributes"]
-                if job["status"] in ("complete", "cancelled"):
-                    took = time.monotonic() - started
-                    return job
-                if time.monotonic() >= deadline:
-                    raise JobTimeout(
-                        method="GET",
-                        path=path,
-                        reason=f"bulk import job {job_id} still {job['status']!r} after "
-                        f"{self.job_timeout:.0f} s",
-                    )
-                backoff = min(max(backoff * 2, 0.05), 5.0)
-        finally:
-            self._job_length.ended(job_id, took)
+        """The ended job's attributes, watched with the run's other jobs (`JobWatch`: one
+        list request tells up to 100 jobs' status)."""
+        job = self._jobs.wait(client, job_id, time.monotonic() + self.job_timeout)
+        if job is None:
+            raise JobTimeout(
+                method="GET",
+                path="/api/profile-bulk-import-jobs",
+                reason=f"bulk import job {job_id} had not ended after {self.job_timeout:g} s",
+            )
+        return job
 
     def _import_errors(
         self, client: KlaviyoClient, job_id: str, batch: Sequence[Prepared]
