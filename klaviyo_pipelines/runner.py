@@ -26,6 +26,7 @@ from klaviyo_pipelines.actions.factory import build_action
 from klaviyo_pipelines.actions.open_job import OpenJob
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.values import TooDeeplyNested, dumps_row, json_value
+from klaviyo_pipelines.collector import fewer_full_collections
 from klaviyo_pipelines.config import Config, ModelSpec, SyncSpec
 from klaviyo_pipelines.delivery import InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
@@ -368,7 +369,7 @@ def _deliver_all(
 
     width = in_flight_width(action.batch_size)
     flight = InFlight(send, width, settle=settle, before_waiting=wh.let_go)
-    with wh.holding_file(), flight:
+    with fewer_full_collections(), wh.holding_file(), flight:
         for page in pages:
             page = action.enrich(wh, page)
             items: list[Prepared] = []

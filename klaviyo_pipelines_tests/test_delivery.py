@@ -7,6 +7,7 @@ sandbox (bulk import jobs kept `processing` long enough for a second job to be s
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 
 from klaviyo_pipelines.actions import job_watch
 from klaviyo_pipelines.actions.base import BatchResult, Prepared
+from klaviyo_pipelines.collector import FULL_COLLECTION_THRESHOLD, fewer_full_collections
 from klaviyo_pipelines.delivery import InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.errors import TransientError
@@ -323,3 +325,32 @@ def test_pacing_with_batches_in_flight_stays_under_the_limits(duckdb_url) -> Non
         assert not any(r.status == 429 for r in sandbox.state.requests)
     wh.engine.dispose()
 
+
+# ---- the collector's thresholds ---------------------------------------------------------------
+
+
+def test_a_delivery_runs_with_full_collections_rarer_and_restores_the_thresholds(
+    duckdb_url,
+) -> None:
+    before = gc.get_threshold()
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(300))
+    during: list[tuple[int, ...]] = []
+    with Sandbox(api_key=TEST_API_KEY) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        report = run(config, wh, sandbox, on_batch=lambda *_: during.append(gc.get_threshold()))
+        assert report.status == "success"
+    assert during and all(t == (*before[:2], FULL_COLLECTION_THRESHOLD) for t in during)
+    assert gc.get_threshold() == before
+    wh.engine.dispose()
+
+
+def test_the_thresholds_are_restored_when_the_last_overlapping_delivery_ends() -> None:
+    before = gc.get_threshold()
+    first, second = fewer_full_collections(), fewer_full_collections()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_threshold()[2] == FULL_COLLECTION_THRESHOLD
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before
