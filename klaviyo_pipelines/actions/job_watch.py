@@ -87,15 +87,15 @@ class JobWatch:
             ended, error = self._look_up(client, waiting), None
         except KlaviyoError as exc:
             ended, error = {}, exc
-        finally:
+        finally:  # whatever happened, the others stop waiting for this round
             self._changed.acquire()
             self._listing = False
+            self._changed.notify_all()
         if error is not None:
             self._failed.update(dict.fromkeys(waiting, error))
         ended = {job: attributes for job, attributes in ended.items() if job in self._waiting}
         self._ended.update(ended)
         self._gap = FIRST_GAP_SECONDS if ended else min(self._gap * 2, MAX_GAP_SECONDS)
-        self._changed.notify_all()
 
     def _look_up(self, client: KlaviyoClient, jobs: set[str]) -> dict[str, dict[str, Any]]:
         """The attributes of those of `jobs` that ended: from the newest jobs' list, and for
