@@ -33,8 +33,8 @@ from klaviyo_pipelines.actions.open_job import OpenJob
 MAX_BATCHES_IN_FLIGHT = 8
 # Bounds memory: three 10,000-profile imports, or eight 1,000-event batches.
 MAX_ROWS_IN_FLIGHT = 30_000
-# Rows of accepted jobs still processing, packed (`actions/open_job.py`, about 0.4 KB each,
-# 300 MB in all): 25,000 profiles/s with jobs that take 30 s to complete.
+# Rows of accepted jobs still processing, packed (`actions/open_job.py`, about 0.1 KB each,
+# 75 MB in all): 25,000 profiles/s with jobs that take 30 s to complete.
 MAX_OPEN_JOB_ROWS = 750_000
 MAX_OPEN_JOBS = 100  # each awaited by a thread, mostly asleep until its next poll
 # Before anything is confirmed, the run waits this long for its first job to end before sending

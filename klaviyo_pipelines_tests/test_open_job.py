@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -46,3 +47,32 @@ def test_rows_round_trip_with_newlines_unicode_big_numbers_and_missing_identifie
         kept = {k: v for k, v in item.item["attributes"].items() if k in IDENTIFIERS}
         assert back.item == kept
     assert OpenJob("J2", [], IDENTIFIERS).rows() == []
+
+
+def test_an_open_job_holds_its_rows_compressed() -> None:
+    """Open jobs pile up while Klaviyo is slow (up to 750,000 rows): each row must stay small."""
+    items = [
+        prepared(
+            f"customer-{i}",
+            ChangeKind.ADDED,
+            {
+                "email": f"customer{i}@example.com",
+                "first_name": "Zoë",
+                "city": "Austin",
+                "ltv": Decimal(f"{i}.25"),
+                "signed_up": datetime(2024, 1, 1 + i % 28, tzinfo=UTC),
+            },
+            {"email": f"customer{i}@example.com", "external_id": f"customer-{i}"},
+        )
+        for i in range(5_000)
+    ]
+    tracemalloc.start()
+    try:
+        job = OpenJob("J3", items, IDENTIFIERS)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    uncompressed = sum(len(dumps_row(item.row.values)) + len(item.row.key) + 60 for item in items)
+    assert held < uncompressed / 3, (held, uncompressed)
+    assert held / len(items) < 100  # bytes a row while the job is open
+    assert len(job.rows()) == len(items) == len(job)

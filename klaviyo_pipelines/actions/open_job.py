@@ -3,12 +3,16 @@
 Why: an open job's rows are kept until Klaviyo says what became of each, and at 25,000
 profiles/s with jobs that take half a minute that is most of a million rows. As objects (the
 row, its values, its mapped item and request bytes) a row takes about 2.5 KB; packed, it is
-its state JSON plus its key, hash and identifiers as JSON, about 0.4 KB, in one buffer per
-job, which is freed whole when the job settles.
+its state JSON plus its key, hash and identifiers as JSON, about 0.45 KB, in one buffer per
+job, compressed (zlib's fastest level: about 0.1 KB a row), which is freed whole when the job
+settles. Jobs pile up when Klaviyo is slow (750,000 rows at the cap): compressed, they hold 75
+MB instead of 340. zlib works outside the GIL, so the cost (about 3 ms per 1,000 rows to pack,
+1.3 to unpack) does not stall the threads that prepare and send.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,11 +24,13 @@ from klaviyo_pipelines.warehouse.changes import ChangeKind, ChangeRow
 
 _NO_VALUES: dict[str, Any] = {}  # every unpacked row's `values` (never written to)
 _KINDS = {kind.value: kind for kind in ChangeKind}  # a dict lookup: ChangeKind(...) is slow
+_LEVEL = 1  # zlib's fastest: 4.6x smaller on shop rows; level 6 gains 1.3x more for 3x the time
 
 
 class OpenJob:
     """The job's id and its rows, each as two lines of compact JSON (which never holds a raw
-    newline): `[key, hash, kind, partition, identifiers...]`, then the row's values."""
+    newline): `[key, hash, kind, partition, identifiers...]`, then the row's values; the
+    lines compressed together."""
 
     def __init__(self, job_id: str, items: Sequence[Prepared], identifiers: Sequence[str]):
         self.job_id = job_id
@@ -36,7 +42,7 @@ class OpenJob:
             named = [attributes.get(name) for name in self._identifiers]
             lines.append(dumps([row.key, row.row_hash, row.kind.value, row.partition, *named]))
             lines.append(dumps_row(row.values))
-        self._packed = b"\n".join(lines)
+        self._packed = zlib.compress(b"\n".join(lines), _LEVEL)
 
     def __len__(self) -> int:
         return self._count
@@ -47,7 +53,7 @@ class OpenJob:
         if not self._count:
             return []
         rows = []
-        lines = self._packed.split(b"\n")
+        lines = zlib.decompress(self._packed).split(b"\n")
         for header, values in zip(lines[::2], lines[1::2], strict=True):
             key, row_hash, kind, partition, *named = orjson.loads(header)
             row = ChangeRow(
