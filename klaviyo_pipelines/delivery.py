@@ -42,6 +42,10 @@ MAX_OPEN_JOBS = 100  # each awaited by a thread, mostly asleep until its next po
 # minute) it does not pay a job's whole latency at its start.
 FIRST_JOB_WAIT_SECONDS = 2.0
 STOP_CHECK_SECONDS = 0.1  # how soon a wait for room notices a stop
+# A wait for a batch shorter than this keeps what `before_waiting` would let go of (the
+# DuckDB file): closing it checkpoints and opening it again takes ~18 ms, more than most
+# waits for a sending slot; another process waits at most this much longer for its turn.
+LET_GO_AFTER_SECONDS = 0.05
 
 SendBatch = Callable[[Sequence[Prepared]], BatchResult]
 SettleJob = Callable[[OpenJob], BatchResult]
@@ -68,8 +72,8 @@ class InFlight:
     for, `FIRST_JOB_WAIT_SECONDS` at most: waiting until it ends would cost every run one job's
     latency (half a minute under load).
 
-    `before_waiting` is called before each wait for a batch, so the caller can let go of what
-    others may use meanwhile (the warehouse file).
+    `before_waiting` is called once a wait for a batch outlasts `LET_GO_AFTER_SECONDS`, so the
+    caller can let go of what others may use meanwhile (the warehouse file).
     """
 
     def __init__(
@@ -153,9 +157,7 @@ class InFlight:
         pending = self._sending | self._settling.keys()
         if not pending:
             return []
-        if block and self._before_waiting:
-            self._before_waiting()
-        done, _ = wait(pending, timeout=timeout if block else 0, return_when=FIRST_COMPLETED)
+        done = self._wait(pending, timeout if block else 0)
         results = []
         for future in done:
             result = future.result()
@@ -174,6 +176,21 @@ class InFlight:
             if result.rows or result.error:
                 results.append(result)
         return results
+
+    def _wait(
+        self, pending: set[Future[BatchResult]], timeout: float | None
+    ) -> set[Future[BatchResult]]:
+        """The futures that finished within `timeout` (None: until one does), calling
+        `before_waiting` only if none finished within `LET_GO_AFTER_SECONDS`."""
+        if timeout == 0 or self._before_waiting is None:
+            return wait(pending, timeout=timeout, return_when=FIRST_COMPLETED).done
+        brief = LET_GO_AFTER_SECONDS if timeout is None else min(timeout, LET_GO_AFTER_SECONDS)
+        done = wait(pending, timeout=brief, return_when=FIRST_COMPLETED).done
+        if done:
+            return done
+        self._before_waiting()
+        rest = None if timeout is None else timeout - brief
+        return wait(pending, timeout=rest, return_when=FIRST_COMPLETED).done
 
     def _await(self, job: OpenJob) -> None:
         assert self._settle is not None, "a batch opened a job: InFlight needs `settle`"

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from klaviyo_pipelines.actions import job_watch
 from klaviyo_pipelines.actions.base import BatchResult, Prepared
 from klaviyo_pipelines.collector import FULL_COLLECTION_THRESHOLD, fewer_full_collections
-from klaviyo_pipelines.delivery import InFlight, in_flight_width
+from klaviyo_pipelines.delivery import LET_GO_AFTER_SECONDS, InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
 from klaviyo_pipelines.klaviyo.errors import TransientError
 from klaviyo_pipelines.runner import SyncReport, run_sync
@@ -123,6 +123,27 @@ def test_a_failed_batch_stops_the_window_from_growing() -> None:
         gate.release.release()
         list(flight.drain())
     assert gate.peak == 1
+
+
+def test_the_warehouse_is_let_go_only_when_a_wait_outlasts_a_moment(monkeypatch) -> None:
+    """Letting go of the DuckDB file checkpoints it and the next transaction opens it again:
+    a wait that ends within LET_GO_AFTER_SECONDS keeps it; a longer one lets it go, once."""
+    gate = Gate()
+    calls: list[float] = []
+    with InFlight(gate, width=1, before_waiting=lambda: calls.append(time.monotonic())) as flight:
+        # A generous moment, so that a busy machine's thread switches never outlast it.
+        monkeypatch.setattr("klaviyo_pipelines.delivery.LET_GO_AFTER_SECONDS", 1.0)
+        gate.release.release()  # answered at once
+        flight.submit(batch(1))
+        assert [len(r.delivered) for r in list(flight.drain())] == [1]
+        assert calls == []
+        monkeypatch.undo()
+        flight.submit(batch(2))
+        started = time.monotonic()
+        threading.Timer(0.5, gate.release.release).start()  # a long wait
+        assert [len(r.delivered) for r in list(flight.drain())] == [2]
+    assert len(calls) == 1
+    assert LET_GO_AFTER_SECONDS <= calls[0] - started < 0.4
 
 
 def test_width_bounds_rows_in_flight() -> None:
