@@ -39,8 +39,9 @@ DUCKDB_SETTINGS = {
 DUCKDB_FILE_WAIT_SECONDS = 60.0
 # While a run delivers, one idle connection keeps the DuckDB file open in our process between
 # its transactions, so each transaction joins the open database (~1 ms) instead of opening the
-# file (~18 ms, three times a page). The hold is let go whenever the run waits for Klaviyo and
-# after this long at most, so that other processes still get their turns.
+# file (~18 ms, three times a page). The hold is let go whenever the run has waited for Klaviyo
+# `delivery.LET_GO_AFTER_SECONDS`, and after this long at most, so that other processes still
+# get their turns.
 DUCKDB_HOLD_SECONDS = 1.0
 # A colon that SQLAlchemy's text() would read as a bind parameter, and ours (config.py binds
 # each `${VAR}` of a model's SQL as `:kp_env_<n>`).
