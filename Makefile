@@ -41,8 +41,10 @@ $(LOWEST_BIN)/.installed: pyproject.toml constraints/dagster-lowest.txt
 	$(LOWEST_BIN)/python -m pip install --quiet -e '.[dev]' -c constraints/dagster-lowest.txt
 	touch $@
 
+# Two workers (pytest-xdist): the suite mostly waits on servers, subprocesses and the sandbox,
+# so two halve its wall time on a 2-core machine (17 min -> 9 min).
 test: $(BIN)/.installed test-snowflake test-dagster-lowest
-	env -u DAGSTER_HOME $(BIN)/pytest -m "not snowflake"
+	env -u DAGSTER_HOME $(BIN)/pytest -n 2 -m "not snowflake"
 
 test-snowflake: $(SNOWFLAKE_BIN)/.installed
 	env -u DAGSTER_HOME $(SNOWFLAKE_BIN)/pytest -m snowflake
