@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from klaviyo_pipelines.sandbox import Fault, Sandbox
+from klaviyo_pipelines.sandbox.ids import UlidGenerator
 
 API_KEY = "pk_sandbox_test"
 HEADERS = {
@@ -24,6 +25,8 @@ HEADERS = {
     "Content-Type": "application/vnd.api+json",
     "Accept": "application/vnd.api+json",
 }
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 @pytest.fixture
@@ -805,3 +808,16 @@ def test_fast_validator_agrees_with_jsonschema() -> None:
             parent = parent[key]
         parent[target[-1]] = rng.choice(junk)
         assert validator.fast(body) == validator.full.is_valid(body), (target, body)
+
+
+def test_ulids_are_crockford_time_ordered_and_strictly_increasing() -> None:
+    generator = UlidGenerator()
+    before_ms = int(time.time() * 1000)
+    ids = [generator.new() for _ in range(20_000)]  # many share a millisecond
+    after_ms = int(time.time() * 1000)
+    assert all(len(i) == 26 and set(i) <= set(CROCKFORD) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    value = 0
+    for char in ids[0]:
+        value = value * 32 + CROCKFORD.index(char)
+    assert before_ms <= value >> 80 <= after_ms  # the first 48 bits are the millisecond

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import phonenumbers
+from klaviyo_pipelines.actions.phone import e164
 
 IDENTIFIERS: tuple[str, ...] = ("email", "phone_number", "external_id")
 MAX_EXTERNAL_ID = 255
@@ -50,13 +50,11 @@ def email_problem(value: str) -> str | None:
 
 
 def phone_problem(value: str) -> str | None:
-    if not _E164_RE.match(value):
-        return INVALID_PHONE
-    try:
-        number = phonenumbers.parse(value, None)
-    except phonenumbers.NumberParseException:
-        return INVALID_PHONE
-    if not phonenumbers.is_valid_number(number):
+    """libphonenumber's verdict on an E.164 number, through the client's fast path (its
+    verdicts equal phonenumbers' on every region, test_phone_fast_path.py): a bulk import
+    checks up to 10,000 numbers, and phonenumbers itself would make the sandbox slower than
+    the client it measures."""
+    if not _E164_RE.match(value) or e164(value, None) is None:
         return INVALID_PHONE
     return None
 

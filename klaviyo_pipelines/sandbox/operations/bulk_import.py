@@ -16,6 +16,8 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import orjson
+
 from klaviyo_pipelines.klaviyo.endpoints import PROFILE_BULK_IMPORT
 from klaviyo_pipelines.sandbox.errors import ApiError, invalid
 from klaviyo_pipelines.sandbox.filters import parse_filter
@@ -107,7 +109,7 @@ def _import_row(
     state: SandboxState, job: BulkImportJob, index: int, row: dict[str, Any]
 ) -> str | None:
     """Upsert one row; on refusal record an import error and return None."""
-    size = len(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode())
+    size = _json_size(row)
     problem: tuple[str, str] | None = None
     if size > MAX_PROFILE_BYTES:
         problem = (
@@ -132,6 +134,15 @@ def _import_row(
     job.failed_count += 1
     job.errors.append(new_import_error(index, problem[0], problem[1], row))
     return None
+
+
+def _json_size(row: dict[str, Any]) -> int:
+    """Bytes of the row as compact UTF-8 JSON (orjson's, at a tenth of the standard library's
+    cost; the standard library's for what orjson cannot write, such as integers over 64 bits)."""
+    try:
+        return len(orjson.dumps(row))
+    except orjson.JSONEncodeError:
+        return len(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def _job(ctx: Ctx, key: str = "id") -> BulkImportJob:
