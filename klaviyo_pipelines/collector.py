@@ -1,4 +1,4 @@
-"""Fewer full garbage collections while a delivery runs.
+"""Fewer full garbage collections while a delivery (or the Klaviyo sandbox) runs.
 
 Why: a delivery allocates millions of short-lived objects, so at Python's default thresholds
 the collector runs a full collection every ten middle ones: 53 on a 400,000-profile sync,
@@ -7,7 +7,8 @@ and committing stalled meanwhile: a sixth of the client's CPU. They freed about 
 objects in all: rows are freed by reference counting, not by the collector. Raising the last
 threshold leaves young and middle collections (which find the few cycles) as they are and
 makes full ones ten times rarer; the thresholds are put back when the last delivery of the
-process ends.
+process ends. The sandbox holds them raised while it serves: the profiles it keeps are walked
+by every full collection too.
 """
 
 from __future__ import annotations
