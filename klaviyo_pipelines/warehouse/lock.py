@@ -16,7 +16,7 @@ run holds a lock for its whole length, in up to three layers:
   cleared at its end; a killed run's lease expires after LEASE_SECONDS;
 - on a DuckDB file, an exclusive `flock` on `<file>.locks/<schema>.<sync>.lock`: DuckDB's
   own file lock lasts one connection, and connections are released between statements (a
-  delivery's within a second, see `engine.DUCKDB_HOLD_SECONDS`) so that other processes can
+  delivery's within 10 s, see `engine.DUCKDB_HOLD_SECONDS`) so that other processes can
   read, which would let two processes' runs interleave. The kernel drops
   the flock when the process dies.
 
