@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from klaviyo_pipelines.actions.registry import ChangeKind
+from klaviyo_pipelines.actions.registry import KIND_BY_NAME, ChangeKind
 from klaviyo_pipelines.config import ModelSpec, SyncSpec
 from klaviyo_pipelines.warehouse.engine import Warehouse
 from klaviyo_pipelines.warehouse.errors import engine_message, warehouse_step
@@ -427,7 +427,7 @@ def _change_row(
     *values: Any,
     problem: tuple[str, str] | None = None,
 ) -> ChangeRow:
-    kind = ChangeKind(kind_name)
+    kind = KIND_BY_NAME[kind_name]
     if kind is ChangeKind.DELETED:  # the row as last delivered: our own JSON
         try:
             values = json.loads(row_json) if row_json else {}
