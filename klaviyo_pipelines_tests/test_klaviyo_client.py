@@ -3,6 +3,7 @@ pacing, pagination, and that the API key never leaks."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 import time
@@ -10,6 +11,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient, Secret
@@ -97,6 +99,28 @@ def test_content_bytes_are_sent_verbatim(sb: Sandbox, client: KlaviyoClient) -> 
     doc = client.post("/api/profiles", content=raw)
     assert doc is not None and doc["data"]["attributes"]["email"] == "raw@example.com"
     assert sb.state.requests[-1].bytes == len(raw)
+
+
+def test_a_request_and_its_body_are_freed_when_used_not_at_the_next_collection(
+    client: KlaviyoClient,
+) -> None:
+    """httpx's response and stream refer to each other; the client breaks that cycle, so a
+    bulk import's megabytes of body do not wait for a garbage collection."""
+
+    def responses() -> int:
+        return sum(isinstance(o, httpx.Response) for o in gc.get_objects())
+
+    gc.collect()
+    before = responses()
+    gc.disable()
+    try:
+        for n in range(5):
+            client.post("/api/profiles", profile_body(f"freed{n}@example.com"))
+            client.get("/api/profiles", {"filter": f'equals(email,"freed{n}@example.com")'})
+        alive = responses() - before
+    finally:
+        gc.enable()
+    assert alive == 0
 
 
 def test_post_returns_none_for_202_and_delete_for_204(sb: Sandbox, client: KlaviyoClient) -> None:
