@@ -290,12 +290,13 @@ class SandboxProcess:
     """The sandbox in its own process, served by `script --serve-sandbox` (each benchmark
     answers its own commands), so its CPU is not the client's."""
 
-    def __init__(self, script: str = __file__) -> None:
+    def __init__(self, script: str = __file__, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, script, "--serve-sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.url = self._read()["url"]
 

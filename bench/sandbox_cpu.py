@@ -54,16 +54,7 @@ def request_bodies(rows: int) -> list[bytes]:
 
 def import_all(bodies: list[bytes], code: Path | None) -> dict[str, Any]:
     """Serve a sandbox from `code` (None: this checkout), import every body, await the jobs."""
-    env_before = os.environ.get("PYTHONPATH")
-    if code is not None:
-        os.environ["PYTHONPATH"] = str(code)
-    try:
-        sandbox = SandboxProcess(str(Path(__file__).parent / "delivery.py"))
-    finally:
-        if env_before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = env_before
+    sandbox = SandboxProcess(env=None if code is None else {**os.environ, "PYTHONPATH": str(code)})
     try:
         sandbox.ask("setup", limits=False, scale=1.0, job_latency=0.0, profiles=0)
         headers = {
