@@ -39,14 +39,15 @@ def test_rows_round_trip_with_newlines_unicode_big_numbers_and_missing_identifie
     job = OpenJob("J1", items, IDENTIFIERS)
     assert len(job) == 3 and job.job_id == "J1"
     rows = job.rows()
-    for item, back in zip(items, rows, strict=True):
+    for item, back, named in zip(items, rows, job.identifiers(), strict=True):
         assert back.row.key == item.row.key and back.row.kind is item.row.kind
         assert back.row.row_hash == item.row.row_hash
         assert back.row.partition == item.row.partition
         assert back.row.values_json == dumps_row(item.row.values).decode()
         kept = {k: v for k, v in item.item["attributes"].items() if k in IDENTIFIERS}
-        assert back.item == kept
+        assert named == kept
     assert OpenJob("J2", [], IDENTIFIERS).rows() == []
+    assert OpenJob("J2", [], IDENTIFIERS).identifiers() == []
 
 
 def test_an_open_job_holds_its_rows_compressed() -> None:

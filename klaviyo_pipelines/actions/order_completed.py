@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -104,7 +104,7 @@ class OrderCompleted(EventAction):
             wh, self.line_items.model, key_column, [row.key for row in rows]
         )
         return [
-            replace(row, values={**row.values, LINE_ITEMS: _ordered(found.get(row.key), order_by)})
+            row._replace(values={**row.values, LINE_ITEMS: _ordered(found.get(row.key), order_by)})
             for row in rows
         ]
 

@@ -201,7 +201,7 @@ class UpsertProfile(Action):
                 reason=f"bulk import job {job.job_id} ended {state['status']!r}",
             )
             return result
-        failed = self._import_errors(client, job.job_id, batch) if state.get("failed_count") else {}
+        failed = self._import_errors(client, job) if state.get("failed_count") else {}
         for index, item in enumerate(batch):
             if index in failed:
                 result.rejected.append(Rejected(item, *failed[index]))
@@ -222,17 +222,16 @@ class UpsertProfile(Action):
         return job
 
     def _import_errors(
-        self, client: KlaviyoClient, job_id: str, batch: Sequence[Prepared]
+        self, client: KlaviyoClient, job: OpenJob
     ) -> dict[int, tuple[str | None, str]]:
         """Map each import error to the row it is about: by pointer, else by identifiers."""
-        by_identifier = {  # an open job's rows keep their identifiers as their item
-            (key, item.item.get(key)): index
-            for index, item in enumerate(batch)
-            for key in IDENTIFIERS
-            if item.item.get(key)
+        by_identifier = {
+            (key, value): index
+            for index, named in enumerate(job.identifiers())
+            for key, value in named.items()
         }
         failed: dict[int, tuple[str | None, str]] = {}
-        path = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
+        path = f"/api/profile-bulk-import-jobs/{job.job_id}/import-errors"
         for error in client.paginate(path, {"page[size]": 100}):
             attributes = error.get("attributes", {})
             pointer = (attributes.get("source") or {}).get("pointer")
@@ -248,7 +247,7 @@ class UpsertProfile(Action):
                     ),
                     None,
                 )
-            if index is not None and 0 <= index < len(batch):
+            if index is not None and 0 <= index < len(job):
                 reason = (
                     attributes.get("detail") or attributes.get("title") or "rejected by Klaviyo"
                 )
