@@ -37,8 +37,15 @@ class TooDeeplyNested(ValueError):
 
 def json_value(value: Any) -> Any:
     """A JSON-safe equivalent of a warehouse value (None for NULL, NaN and infinities).
-    Raises TooDeeplyNested for a value nested deeper than MAX_DEPTH."""
-    return _value(value, MAX_DEPTH)
+    Raises TooDeeplyNested for a value nested deeper than MAX_DEPTH.
+
+    The flat types are converted here rather than in `_value`: one call fewer for each of
+    the dozen values of every row."""
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    convert = _BY_TYPE.get(kind)
+    return convert(value) if convert else _value(value, MAX_DEPTH)
 
 
 def _value(value: Any, room: int) -> Any:
