@@ -29,10 +29,10 @@ from klaviyo_pipelines.warehouse.errors import warehouse_step
 # buffering. A sync shares its machine with Dagster: DuckDB's own default memory limit (80% of
 # RAM) let a 10M-row change set reach 3 GB. At 512 MB it spills to disk: a 10M-row change set
 # peaks at ~690 MB RSS instead of ~1.35 GB at 1 GB, for about 1.6x its time (bench/).
-# Checkpoints come when the file is closed (after every use but a delivery's, and during a
-# delivery each DUCKDB_HOLD_SECONDS), not each time 16 MB of log piled up, DuckDB's default: a
-# delivery commits 10,000 rows of state at a time, and at DuckDB's default a million-profile
-# sync ran 6% and 32% slower in two paired runs (bench/delivery.py, docs/performance.md).
+# Checkpoints come when the file is closed (after every use but a delivery's; a delivery lets
+# go when it waits, and after DUCKDB_HOLD_SECONDS at most), not each time 16 MB of log piled
+# up, DuckDB's default: a delivery commits 10,000 rows of state at a time, and at DuckDB's
+# default a million-profile sync ran 6% and 32% slower in two paired runs (bench/delivery.py).
 DUCKDB_SETTINGS = {
     "preserve_insertion_order": False,
     "memory_limit": "512MB",
