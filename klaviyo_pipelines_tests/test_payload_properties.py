@@ -26,7 +26,7 @@ from klaviyo_pipelines.actions.factory import build_action
 from klaviyo_pipelines.actions.lookup import Identifiers, lookup_requests
 from klaviyo_pipelines.actions.profile import InvalidRow
 from klaviyo_pipelines.actions.registry import ChangeKind
-from klaviyo_pipelines.actions.values import dumps, dumps_row, json_value
+from klaviyo_pipelines.actions.values import dumps, dumps_row, iso_datetime, json_value
 from klaviyo_pipelines.config import parse_config
 from klaviyo_pipelines.sandbox.app import SandboxApp
 from klaviyo_pipelines.sandbox.filters import parse_filter
@@ -341,3 +341,12 @@ def test_phone_verdicts_are_cached_per_raw_value_and_country() -> None:
 def test_a_rows_state_json_is_the_same_by_the_fast_path(values) -> None:
     """`dumps_row` (orjson with json_value as fallback) writes exactly what the general path does."""
     assert dumps_row(values) == dumps(json_value(values))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.datetimes(timezones=st.none() | st.just(UTC)))
+def test_a_timestamp_by_orjson_reads_as_isoformat_in_utc(when: datetime) -> None:
+    """`iso_datetime` writes a naive or UTC datetime by orjson: the text `isoformat` gives,
+    with Z for UTC, from year 1 to 9999, with and without microseconds."""
+    expected = when.replace(tzinfo=None).isoformat() + "Z"
+    assert iso_datetime(when) == expected

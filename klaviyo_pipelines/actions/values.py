@@ -119,7 +119,13 @@ def _by_isinstance(value: Any, room: int) -> Any:
 
 
 def iso_datetime(value: datetime) -> str:
-    """ISO-8601 in UTC; a naive datetime is taken to be UTC already, as warehouses store it."""
+    """ISO-8601 in UTC; a naive datetime is taken to be UTC already, as warehouses store it.
+
+    A plain datetime, naive or in UTC (a timestamp column's value), is written by orjson:
+    0.35 µs instead of `isoformat`'s 1.3, the same text (a test compares them), and a row's
+    timestamps pass here twice, for its payload and for its state."""
+    if type(value) is datetime and (value.tzinfo is None or value.tzinfo is UTC):
+        return orjson.dumps(value, option=_UTC_TEXT)[1:-1].decode()
     if value.tzinfo is None:
         return value.isoformat() + "Z"
     if value.tzinfo is not UTC:
@@ -130,6 +136,7 @@ def iso_datetime(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
+_UTC_TEXT = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z  # "…Z", as `isoformat` with Z for +00:00
 _AS_IS = frozenset({type(None), bool, str, int})
 _BY_TYPE: dict[type, Callable[[Any], Any]] = {
     float: _float,
