@@ -58,9 +58,9 @@ def request(signum: int) -> None:
 
 @contextmanager
 def on_signals() -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM ask the sync to stop instead of raising; the outermost
-    block starts with the flag clear. Outside the main thread (where handlers cannot be set)
-    this only scopes the flag."""
+    """While inside, SIGINT and SIGTERM ask the sync to stop instead of raising (unless the
+    process ignores them); the outermost block starts with the flag clear. Outside the main
+    thread (where handlers cannot be set) this only scopes the flag."""
     global _depth
     with _depth_lock:
         if _depth == 0:
@@ -79,7 +79,11 @@ def on_signals() -> Iterator[None]:
     try:
         if threading.current_thread() is threading.main_thread():
             for number in SIGNALS:
-                previous[number] = signal.signal(number, handle)
+                # A signal the process ignores stays ignored, as Python leaves it: a job a
+                # shell starts in the background shares the terminal's process group and
+                # ignores SIGINT, since a Ctrl-C there is meant for the job in the foreground.
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    previous[number] = signal.signal(number, handle)
         yield
     finally:
         _restore(previous)

@@ -150,3 +150,21 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_hard():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with interrupt.on_signals():  # a new run starts with a clear flag
         assert not interrupt.requested() and interrupt.signal_number() is None
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A job a shell starts in the background ignores SIGINT (a Ctrl-C at the terminal is meant
+    for the job in the foreground): a sync there goes on, and SIGTERM still stops it."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not interrupt.requested()
+            signal.raise_signal(signal.SIGTERM)
+            assert interrupt.requested() and interrupt.signal_number() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+        with interrupt.on_signals():  # a new run starts with a clear flag: later tests send
+            assert not interrupt.requested()
