@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,12 @@ MARIADB_SERVER = os.environ.get(
     "KLAVIYO_PIPELINES_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306"
 )
 TEST_API_KEY = "pk_test_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+
+# Started in the background (`make test &`), the suite inherits SIGINT ignored, and so would
+# every process it starts; its tests of Ctrl-C need the terminal's usual SIGINT. Set here, in
+# the process that starts pytest-xdist's workers, they start with it too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _server_answers(url: str) -> str | None:
