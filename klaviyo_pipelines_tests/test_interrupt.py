@@ -166,5 +166,5 @@ def test_a_signal_the_process_ignores_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
-        with interrupt.on_signals():  # a new run starts with a clear flag: later tests send
+        with interrupt.on_signals():  # clears the flag, so the tests after this one can send
             assert not interrupt.requested()
