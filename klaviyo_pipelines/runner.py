@@ -519,10 +519,13 @@ def _commit(
 ) -> None:
     """Record a finished batch's outcome, and rows found invalid meanwhile, in one transaction."""
     delivered = []
+    kinds: Counter[ChangeKind] = Counter()  # counted here: an enum's `.value` costs 0.1 µs
     for item in result.delivered:  # by position: 1.1 µs a row against 2.5 by keyword
         row = item.row
         row_json = row.values_json or dumps_row(row.values).decode()
-        deletion = row.kind is ChangeKind.DELETED
+        kind = row.kind
+        kinds[kind] += 1
+        deletion = kind is ChangeKind.DELETED
         delivered.append(Delivered(row.key, row.row_hash, row_json, deletion, row.partition))
     failures = [*invalid] + [
         Failure(r.item.row.key, r.item.row.row_hash, FailureKind.INVALID, r.field, r.reason)
@@ -534,8 +537,8 @@ def _commit(
         for item in result.unsent
     ]
     record_outcomes(wh, sync, delivered, failures)
-    for item in result.delivered:
-        report.delivered[item.row.kind.value] += 1
+    for kind, count in kinds.items():
+        report.delivered[kind.value] += count
     for rejected in result.rejected:
         report.rejected[rejected.item.row.kind.value] += 1
         report.sample(

@@ -576,7 +576,7 @@ class EventAction(Action):
                     None, f"an event is {largest:,} bytes; Klaviyo accepts at most {limit:,}"
                 )
         self._guard.admit(row.key, entry)
-        return Prepared(row=row, item=entry, body=body)
+        return Prepared(row, entry, body)
 
     def batches(self, items: Iterable[Prepared]) -> Iterator[list[Prepared]]:
         if self.mapping.batch_mode:

@@ -115,7 +115,7 @@ class UpsertProfile(Action):
             raise InvalidRow(
                 None, f"profile is {len(body):,} bytes; Klaviyo accepts at most {limit:,}"
             )
-        return Prepared(row=row, item=item, body=body)
+        return Prepared(row, item, body)  # by position: 0.2 µs against 0.35
 
     def batches(self, items):  # type: ignore[no-untyped-def]
         if self.batch_mode:
