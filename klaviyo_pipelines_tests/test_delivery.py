@@ -8,6 +8,7 @@ sandbox (bulk import jobs kept `processing` long enough for a second job to be s
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ from itertools import pairwise
 import pytest
 import sqlalchemy as sa
 
-from klaviyo_pipelines.actions import job_watch
+from klaviyo_pipelines.actions import job_watch, upsert_profile
 from klaviyo_pipelines.actions.base import BatchResult, Prepared
+from klaviyo_pipelines.actions.open_job import OpenJob
 from klaviyo_pipelines.collector import FULL_COLLECTION_THRESHOLD, fewer_full_collections
 from klaviyo_pipelines.delivery import LET_GO_AFTER_SECONDS, InFlight, in_flight_width
 from klaviyo_pipelines.klaviyo.client import KlaviyoClient
@@ -305,6 +307,45 @@ def test_the_first_job_is_waited_for_briefly_not_for_its_whole_latency(
     else:
         assert first.created_at + timedelta(seconds=0.5) <= second.created_at
         assert second.created_at < first.completed_at
+    wh.engine.dispose()
+
+
+@pytest.mark.parametrize("job_delay", [0.05, 1.0])
+def test_only_a_job_that_stays_open_holds_its_rows_compressed(
+    duckdb_url, monkeypatch, job_delay
+) -> None:
+    """Compressing costs CPU a quick job does not need: its rows stay as packed; a slow job's
+    are compressed while it waits. Either way every row's state is the row as delivered."""
+    monkeypatch.setattr(upsert_profile, "COMPRESS_AFTER_SECONDS", 0.3)
+    compressed: list[str] = []
+    compress = OpenJob.compress
+
+    def counted(job: OpenJob) -> None:
+        compressed.append(job.job_id)
+        compress(job)
+
+    monkeypatch.setattr(OpenJob, "compress", counted)
+    wh = Warehouse(duckdb_url)
+    rows = customers(300)
+    load(wh, rows)
+    with Sandbox(api_key=TEST_API_KEY, job_delay=job_delay) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        report = run(config, wh, sandbox)
+        assert report.status == "success" and sum(report.delivered.values()) == 300
+        jobs = len(sandbox.state.jobs)
+    assert len(set(compressed)) == (jobs if job_delay > 0.3 else 0) and jobs == 3
+    with wh.engine.connect() as conn:
+        table = wh.table(state_table("profiles"))
+        states = dict(conn.execute(sa.text(f"SELECT row_key, row_json FROM {table}")).all())
+    for key, email, phone, name, city, ltv in rows:
+        assert json.loads(states[key]) == {
+            "customer_id": key,
+            "email": email,
+            "phone": phone,
+            "first_name": name,
+            "city": city,
+            "ltv": ltv,
+        }
     wh.engine.dispose()
 
 
