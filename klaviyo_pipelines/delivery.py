@@ -116,23 +116,28 @@ class InFlight:
         """Batches being sent and jobs being awaited."""
         return len(self._sending) + len(self._settling)
 
-    def make_room(self) -> list[BatchResult]:
-        """Wait until another batch may be sent, or a stop was asked for; return the outcomes
-        that finished meanwhile."""
+    def make_room(self, unless_awaiting_first_job: bool = False) -> list[BatchResult]:
+        """Wait until another batch may be sent, or a stop was asked for, or (if asked) the run's
+        first job is being awaited; return the outcomes that finished meanwhile."""
         finished = self._collect(block=False)
         while self._full() and not interrupt.requested():
+            if unless_awaiting_first_job and self.awaiting_first_job:
+                break
             finished += self._collect(block=True, timeout=STOP_CHECK_SECONDS)
         return finished
 
     def _full(self) -> bool:
         return (
             len(self._sending) >= self._open
-            or self._awaiting_first_job()
+            or self.awaiting_first_job
             or len(self._settling) >= MAX_OPEN_JOBS
             or sum(self._settling.values()) >= MAX_OPEN_JOB_ROWS
         )
 
-    def _awaiting_first_job(self) -> bool:
+    @property
+    def awaiting_first_job(self) -> bool:
+        """Whether nothing more is sent until the run's first job ends or its wait runs out: a
+        wait whose end is known, which the caller can spend preparing rows."""
         return (
             not self._confirmed
             and self._first_job_wait_ends is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +71,9 @@ SPLIT_STATUSES = frozenset({400, 413, 422})  # Klaviyo refused the payload, or t
 # Rows read from the change set at once: small batches (events, consent) share a page, so
 # the warehouse is not queried once per 100-row request.
 MIN_PAGE_ROWS = 2_000
+# Rows prepared ahead while a run's first bulk job is awaited (delivery.FIRST_JOB_WAIT_SECONDS):
+# three 10,000-profile imports, about 75 MB as objects, which go out together once it ends.
+PREPARED_AHEAD_ROWS = 30_000
 
 
 @dataclass
@@ -370,6 +373,18 @@ def _deliver_all(
 
     width = in_flight_width(action.batch_size)
     flight = InFlight(send, width, settle=settle, before_waiting=wh.let_go)
+    ready: deque[Sequence[Prepared]] = deque()  # batches prepared, not sent yet
+
+    def send_ready(ahead: int) -> None:
+        """Send the prepared batches as room allows; while the run's first job is awaited, keep
+        up to `ahead` rows back and return, so that the next page is prepared meanwhile."""
+        while ready and not (error or interrupt.requested()):
+            holding = sum(map(len, ready)) < ahead
+            commit(flight.make_room(unless_awaiting_first_job=holding))
+            if error or interrupt.requested() or (holding and flight.awaiting_first_job):
+                return
+            flight.submit(ready.popleft())
+
     with fewer_full_collections(), wh.holding_file(), flight:
         for page in pages:
             page = action.enrich(wh, page)
@@ -383,13 +398,11 @@ def _deliver_all(
                     )
                     report.rejected[row.kind.value] += 1
                     report.sample(row.key, row.kind.value, exc.field, exc.reason)
-            for batch in action.batches(items):
-                commit(flight.make_room())
-                if error or interrupt.requested():
-                    break
-                flight.submit(batch)
+            ready.extend(action.batches(items))
+            send_ready(PREPARED_AHEAD_ROWS)
             if error or interrupt.requested():
                 break
+        send_ready(0)
         for result in flight.drain():
             commit([result])
         record_failures(wh, sync.name, invalid)

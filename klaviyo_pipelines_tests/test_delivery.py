@@ -310,6 +310,40 @@ def test_the_first_job_is_waited_for_briefly_not_for_its_whole_latency(
     wh.engine.dispose()
 
 
+def test_rows_are_prepared_while_the_first_job_is_awaited(duckdb_url, monkeypatch) -> None:
+    """The first job's wait is spent preparing the next pages (up to PREPARED_AHEAD_ROWS),
+    which go out together once it ends, instead of the run idling for it."""
+    monkeypatch.setattr("klaviyo_pipelines.delivery.FIRST_JOB_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr("klaviyo_pipelines.runner.MIN_PAGE_ROWS", 100)
+    monkeypatch.setattr("klaviyo_pipelines.runner.PREPARED_AHEAD_ROWS", 300)
+    prepared_when_sent: list[int] = []
+    prepared = [0]
+    prepare, submit = upsert_profile.UpsertProfile.prepare, InFlight.submit
+
+    def counted_prepare(action, row):  # type: ignore[no-untyped-def]
+        prepared[0] += 1
+        return prepare(action, row)
+
+    def counted_submit(flight, batch):  # type: ignore[no-untyped-def]
+        prepared_when_sent.append(prepared[0])
+        submit(flight, batch)
+
+    monkeypatch.setattr(upsert_profile.UpsertProfile, "prepare", counted_prepare)
+    monkeypatch.setattr(InFlight, "submit", counted_submit)
+    wh = Warehouse(duckdb_url)
+    load(wh, customers(1000))
+    with Sandbox(api_key=TEST_API_KEY, job_delay=2.0) as sandbox:
+        config = config_for(duckdb_url, sandbox, settings="{batch_size: 100}")
+        report = run(config, wh, sandbox)
+        assert report.status == "success" and sum(report.delivered.values()) == 1000
+        first, second, *_ = sorted(sandbox.state.jobs.values(), key=lambda job: job.created_at)
+    assert first.created_at + timedelta(seconds=0.5) <= second.created_at
+    # The first import went out with its own page; the second only after three more pages.
+    assert prepared_when_sent[:2] == [100, 400], prepared_when_sent
+    assert len(delivered_keys(wh)) == 1000
+    wh.engine.dispose()
+
+
 @pytest.mark.parametrize("job_delay", [0.05, 1.0])
 def test_only_a_job_that_stays_open_holds_its_rows_compressed(
     duckdb_url, monkeypatch, job_delay
