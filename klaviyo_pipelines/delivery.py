@@ -33,9 +33,11 @@ from klaviyo_pipelines.actions.open_job import OpenJob
 MAX_BATCHES_IN_FLIGHT = 8
 # Bounds memory: three 10,000-profile imports, or eight 1,000-event batches.
 MAX_ROWS_IN_FLIGHT = 30_000
-# Rows of accepted jobs still processing, packed (`actions/open_job.py`, about 0.1 KB each,
-# 75 MB in all): 25,000 profiles/s with jobs that take 30 s to complete.
-MAX_OPEN_JOB_ROWS = 750_000
+# Rows of accepted jobs still processing, packed (`actions/open_job.py`, about 0.07 KB each
+# once compressed, 70 MB in all): 40 s of imports at 25,000 profiles/s, so that jobs taking
+# 30 s hold the ceiling with room for the time each takes to be seen ended and committed
+# (a cap of exactly 750,000 stalled the sending whenever a job was seen late).
+MAX_OPEN_JOB_ROWS = 1_000_000
 MAX_OPEN_JOBS = 100  # each awaited by a thread, mostly asleep until its next poll
 # Before anything is confirmed, the run waits this long for its first job to end before sending
 # more: where Klaviyo is quick it learns that jobs succeed first; under load (jobs of half a

@@ -58,7 +58,7 @@ def test_rows_round_trip_with_newlines_unicode_big_numbers_and_missing_identifie
 
 
 def test_an_open_job_holds_its_rows_compressed() -> None:
-    """Open jobs pile up while Klaviyo is slow (up to 750,000 rows): each row must stay small
+    """Open jobs pile up while Klaviyo is slow (up to 1,000,000 rows): each row must stay small
     once the job is compressed, as the thread awaiting a slow job does."""
     items = [
         prepared(

@@ -5,8 +5,8 @@ profiles/s with jobs that take half a minute that is most of a million rows. As 
 row, its values, its mapped item and request bytes) a row takes about 2.5 KB; packed, it is
 its state JSON plus its key, hash and identifiers as JSON (0.35 KB on the bench's shop rows),
 in one buffer per job, freed whole when the job settles. Jobs pile up when Klaviyo is slow
-(750,000 rows at the cap), so a job still open after its first second is compressed
-(`compress`, zlib's fastest level: 0.07 KB a row), 50 MB at the cap instead of 260. zlib
+(1,000,000 rows at the cap), so a job still open after its first second is compressed
+(`compress`, zlib's fastest level: 0.07 KB a row), 70 MB at the cap instead of 350. zlib
 works outside the GIL, but its CPU (2.4 µs a row to compress and uncompress) is spent only
 on jobs that stay open, not on those a quick Klaviyo ends within that second.
 """
