@@ -22,7 +22,7 @@ import zstandard
 
 from klaviyo_pipelines.actions.base import Prepared
 from klaviyo_pipelines.actions.registry import KIND_BY_NAME
-from klaviyo_pipelines.actions.values import dumps, dumps_row
+from klaviyo_pipelines.actions.values import dumps, dumps_row, own_size
 from klaviyo_pipelines.warehouse.changes import ChangeRow
 
 _NO_VALUES: dict[str, Any] = {}  # every unpacked row's `values` (never written to)
@@ -59,9 +59,9 @@ class OpenJob:
         """Hold the rows compressed while the job is open (called by the thread awaiting it)."""
         if not self._compressed:
             # A compressor per call: one is not safe to share between the job threads. Its
-            # result keeps the worst case's allocation (the input's size): copied to its own.
+            # result keeps the worst case's allocation (the input's size).
             compressed = zstandard.ZstdCompressor(level=_LEVEL).compress(self._packed)
-            self._packed, self._compressed = bytes(memoryview(compressed)), True
+            self._packed, self._compressed = own_size(compressed), True
 
     def _lines(self) -> bytes:
         if self._compressed:
